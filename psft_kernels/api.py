@@ -1,0 +1,230 @@
+"""The public functions: validate, pick a backend, run, reduce, report stats.
+
+Each function is the fused equivalent of materializing ``logits = hidden @ weight.T + bias`` and
+applying the loss; :mod:`psft_kernels.reference` is that equivalent, written out.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _validation as V
+from . import backends, reference
+from ._types import HeadSpec
+from .autograd import Plan, run_logprobs, run_loss
+from .objectives import Objective, build_stats
+
+
+def _spec(temperature, softcap, ignore_index, chunk_size, kl_direction=None) -> HeadSpec:
+    return HeadSpec(
+        temperature=V.check_positive("temperature", temperature),
+        softcap=V.check_positive("softcap", softcap, allow_none=True),
+        ignore_index=ignore_index,
+        kl_direction=kl_direction,
+        chunk_size=V.check_chunk_size(chunk_size),
+    )
+
+
+def linear_logprobs(
+    hidden: Tensor,  # (..., D)
+    weight: Tensor,  # (V, D)
+    targets: Tensor,  # (...) int64
+    *,
+    bias: Optional[Tensor] = None,  # (V,)
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+):
+    """Per-token log-probability of the target and full-vocabulary entropy, both differentiable.
+
+    PyTorch equivalent: ``lp = log_softmax(softcap(hidden @ weight.T + bias) / temperature, -1)``;
+    ``(lp.gather(-1, targets[..., None])[..., 0], -(lp.exp() * lp).sum(-1))``, without the
+    ``(..., V)`` tensor. Both outputs are shaped like ``targets``, fp32 (fp64 for fp64 inputs),
+    and 0 where ``targets == ignore_index``. Without gradients this is the forward-only pass
+    (the pi_old pass of PSFT): it saves nothing.
+    """
+    V.check_choice("backend", backend, V.BACKENDS)
+    if backend == "reference":
+        return reference.linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                                         softcap=softcap, ignore_index=ignore_index)
+    spec = _spec(temperature, softcap, ignore_index, chunk_size)
+    inputs, batch_shape = V.check_head(hidden, weight, targets, bias, ignore_index)
+    plan = Plan(backends.resolve(backend, inputs.hidden.device), spec, inputs)
+    logp, entropy = run_logprobs(plan)
+    return logp.reshape(batch_shape), entropy.reshape(batch_shape)
+
+
+def _loss(kind, hidden, weight, targets, *, bias, entropy_coef, temperature, softcap, ignore_index, reduction,
+          num_items_in_batch, backend, return_stats, chunk_size, ref=None, kl_direction=None, **objective):
+    inputs, batch_shape = V.check_head(hidden, weight, targets, bias, ignore_index, need_ref=ref is not None,
+                                       **(ref or {}))
+    spec = _spec(temperature, softcap, ignore_index, chunk_size, kl_direction)
+    device = inputs.hidden.device
+    old = V.check_per_token("old_logprobs", objective.pop("old_logprobs", None), batch_shape, device, broadcast=False)
+    adv = V.check_per_token("advantages", objective.pop("advantages", None), batch_shape, device, broadcast=True)
+    dtype = inputs.compute_dtype
+    if old is not None:
+        old = old.reshape(-1).to(dtype)
+    if isinstance(adv, Tensor):
+        adv = adv.to(dtype).expand(batch_shape).reshape(-1)
+    obj = Objective(kind, entropy_coef=entropy_coef, old_logprobs=old, advantages=1.0 if adv is None else adv,
+                    **objective)
+    plan = Plan(backends.resolve(backend, device), spec, inputs, obj, reduction, num_items_in_batch)
+    loss, stats, terms = run_loss(plan)
+    if reduction == "none":
+        loss = loss.reshape(batch_shape)
+    if not return_stats:
+        return loss
+    valid = inputs.targets != ignore_index
+    return loss, build_stats(kind, batch_shape, valid, stats, terms, old)
+
+
+def _common(reduction, num_items_in_batch, backend, entropy_coef):
+    V.check_choice("reduction", reduction, V.REDUCTIONS)
+    V.check_choice("backend", backend, V.BACKENDS)
+    return V.check_num_items(num_items_in_batch), V.check_real("entropy_coef", entropy_coef)
+
+
+def linear_sft_loss(
+    hidden: Tensor,  # (..., D)
+    weight: Tensor,  # (V, D)
+    targets: Tensor,  # (...) int64
+    *,
+    bias: Optional[Tensor] = None,  # (V,)
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch=None,
+    backend: str = "auto",
+    return_stats: bool = False,
+    chunk_size: Optional[int] = None,
+):
+    """Cross-entropy of the lm-head, fused.
+
+    PyTorch equivalent: ``F.cross_entropy((hidden @ weight.T + bias).float().flatten(0, -2),
+    targets.flatten(), ignore_index=ignore_index, reduction=reduction)`` (plus softcap,
+    temperature, ``- entropy_coef * H``; ``num_items_in_batch`` divides the sum instead).
+    """
+    num_items_in_batch, entropy_coef = _common(reduction, num_items_in_batch, backend, entropy_coef)
+    kw = dict(bias=bias, entropy_coef=entropy_coef, temperature=temperature, softcap=softcap,
+              ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
+              return_stats=return_stats)
+    if backend == "reference":
+        return reference.linear_sft_loss(hidden, weight, targets, **kw)
+    return _loss("sft", hidden, weight, targets, backend=backend, chunk_size=chunk_size, **kw)
+
+
+def linear_dft_loss(
+    hidden: Tensor,  # (..., D)
+    weight: Tensor,  # (V, D)
+    targets: Tensor,  # (...) int64
+    *,
+    bias: Optional[Tensor] = None,  # (V,)
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch=None,
+    backend: str = "auto",
+    return_stats: bool = False,
+    chunk_size: Optional[int] = None,
+):
+    """Dynamic Fine-Tuning: per token ``-p.detach() * logp`` with ``p = exp(logp)``.
+
+    PyTorch equivalent: ``ce = F.cross_entropy(logits, targets, reduction="none")``;
+    ``(ce * exp(-ce).detach())`` reduced over non-ignored tokens.
+    """
+    num_items_in_batch, entropy_coef = _common(reduction, num_items_in_batch, backend, entropy_coef)
+    kw = dict(bias=bias, entropy_coef=entropy_coef, temperature=temperature, softcap=softcap,
+              ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
+              return_stats=return_stats)
+    if backend == "reference":
+        return reference.linear_dft_loss(hidden, weight, targets, **kw)
+    return _loss("dft", hidden, weight, targets, backend=backend, chunk_size=chunk_size, **kw)
+
+
+def linear_psft_loss(
+    hidden: Tensor,  # (..., D)
+    weight: Tensor,  # (V, D)
+    targets: Tensor,  # (...) int64
+    old_logprobs: Optional[Tensor] = None,  # (...) log pi_old(target), like targets
+    *,
+    advantages=None,  # float, or a tensor broadcastable to targets; default 1
+    bias: Optional[Tensor] = None,  # (V,)
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch=None,
+    backend: str = "auto",
+    return_stats: bool = False,
+    chunk_size: Optional[int] = None,
+):
+    """Proximal SFT: the PPO clipped surrogate with ``r = exp(logp - old_logprobs)``, advantage A.
+
+    PyTorch equivalent (verl's policy loss): ``r = exp(clamp(logp - old, -20, 20))``;
+    ``max(-A r, -A clamp(r, 1 - eps_low, 1 + eps_high))`` reduced over non-ignored tokens, where
+    ``logp`` is :func:`linear_logprobs`. ``old_logprobs=None`` means r = 1 (an SFT gradient).
+    With ``return_stats=True`` the stats hold ``logprobs`` (the next pi_old), ``entropy``,
+    ``clip_fraction`` (``_high`` / ``_low``), ``ratio_mean``, ``approx_kl``, ``num_tokens``, ``nll``.
+    """
+    num_items_in_batch, entropy_coef = _common(reduction, num_items_in_batch, backend, entropy_coef)
+    eps_low = V.check_nonnegative("eps_low", eps_low)
+    eps_high = V.check_nonnegative("eps_high", eps_high)
+    kw = dict(bias=bias, entropy_coef=entropy_coef, temperature=temperature, softcap=softcap,
+              ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
+              return_stats=return_stats, advantages=advantages, eps_low=eps_low, eps_high=eps_high)
+    if backend == "reference":
+        return reference.linear_psft_loss(hidden, weight, targets, old_logprobs, **kw)
+    return _loss("psft", hidden, weight, targets, backend=backend, chunk_size=chunk_size,
+                 old_logprobs=old_logprobs, **kw)
+
+
+def linear_asft_loss(
+    hidden: Tensor,  # (..., D)
+    weight: Tensor,  # (V, D)
+    targets: Tensor,  # (...) int64
+    ref_hidden: Tensor,  # (..., D_ref) the frozen reference model's last hidden states
+    ref_weight: Tensor,  # (V, D_ref) its lm-head
+    *,
+    ref_bias: Optional[Tensor] = None,  # (V,)
+    bias: Optional[Tensor] = None,  # (V,)
+    kl_coef: float = 0.05,
+    kl_direction: str = "forward",
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch=None,
+    backend: str = "auto",
+    return_stats: bool = False,
+    chunk_size: Optional[int] = None,
+):
+    """Anchored SFT: DFT plus ``kl_coef * KL`` to a frozen reference model, over the full vocabulary.
+
+    PyTorch equivalent: ``dft + kl_coef * F.kl_div(log_softmax(z), softmax(z_ref),
+    reduction="none").sum(-1)`` for ``kl_direction="forward"`` (KL(q||p), the official code);
+    ``"reverse"`` is KL(p||q) (the paper's text). No gradient flows into the reference tensors.
+    """
+    num_items_in_batch, entropy_coef = _common(reduction, num_items_in_batch, backend, entropy_coef)
+    V.check_choice("kl_direction", kl_direction, V.KL_DIRECTIONS)
+    kl_coef = V.check_real("kl_coef", kl_coef)
+    kw = dict(bias=bias, entropy_coef=entropy_coef, temperature=temperature, softcap=softcap,
+              ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
+              return_stats=return_stats, kl_coef=kl_coef, kl_direction=kl_direction)
+    if backend == "reference":
+        return reference.linear_asft_loss(hidden, weight, targets, ref_hidden, ref_weight, ref_bias=ref_bias, **kw)
+    return _loss("asft", hidden, weight, targets, backend=backend, chunk_size=chunk_size,
+                 ref=dict(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias), **kw)
