@@ -80,6 +80,16 @@ def _lr_at(step: int, cfg) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))  # cosine down to 10%
 
 
+def fact_accuracy(model, codec: TextCodec, cfg: StudyConfig) -> float:
+    """Greedy exact match on every two-number sum the task's solutions use (the base's knowledge)."""
+    from .evaluate import accuracy
+    from .task import Problem
+
+    top = 9 * (cfg.task.operands - 1)
+    facts = [Problem((a, b), "forward") for a in range(top + 1) for b in range(10)]
+    return accuracy(model, codec, facts, cfg.finetune.max_new_tokens)[0]
+
+
 def pretrain(cfg: StudyConfig, out_dir: str, log=print) -> dict:
     t0 = time.perf_counter()
     train_docs, heldout_docs, is_arith = load_corpus(cfg.corpus, cfg.task)
@@ -90,7 +100,7 @@ def pretrain(cfg: StudyConfig, out_dir: str, log=print) -> dict:
     arith_tokens = sum(len(ids) + 2 for a, ids in zip(is_arith, codec.encode_batch(train_docs)) if a)
     heldout = windows(token_stream(codec, heldout_docs), cfg.pretrain.seq_len, cfg.finetune.ood_eval_sequences)
     t_data = time.perf_counter() - t0
-    log(f"  corpus: {len(train_docs)} documents ({n_arith} of arithmetic doctests, {arith_tokens / stream.numel():.0%} "
+    log(f"  corpus: {len(train_docs)} documents ({n_arith} of worked two-number sums, {arith_tokens / stream.numel():.0%} "
         f"of the tokens), {stream.numel()} tokens for pretraining; {len(heldout_docs)} held-out documents "
         f"({t_data:.1f}s incl. tokenizer)")
 
@@ -122,13 +132,16 @@ def pretrain(cfg: StudyConfig, out_dir: str, log=print) -> dict:
     model.eval()
     with torch.no_grad():
         heldout_loss = lm_loss(model, heldout).item()
+    facts = fact_accuracy(model, codec, cfg)
+    log(f"  base model: held-out text loss {heldout_loss:.3f}; two-number sums answered right: {facts:.0%}")
     model.save_pretrained(os.path.join(out_dir, "model"))
     meta = {
         "key": cfg.base_key(), "params": n_params, "vocab_size": codec.vocab_size,
         "pretrain_tokens_in_corpus": stream.numel(), "pretrain_tokens_seen": p.steps * p.batch_size * p.seq_len,
         "train_documents": len(train_docs), "arithmetic_documents": n_arith,
         "arithmetic_token_share": arith_tokens / stream.numel(), "heldout_documents": len(heldout_docs),
-        "heldout_tokens_evaluated": heldout.numel(), "heldout_loss": heldout_loss, "curve": curve,
+        "heldout_tokens_evaluated": heldout.numel(), "heldout_loss": heldout_loss,
+        "two_number_sum_accuracy": facts, "curve": curve,
         "seconds_data": t_data, "seconds_pretrain": time.perf_counter() - t1,
         "torch_threads": torch.get_num_threads(),
     }

@@ -22,11 +22,11 @@ class CorpusConfig:
     min_docstring_chars: int = 200  # short docstrings are mostly signatures, not prose
     max_chars: int = 0  # 0 = everything; the quick preset cuts the corpus
     heldout_every: int = 20  # every 20th document (by stable hash) is held-out general text
-    # Elementary arithmetic the base model should know, as Python doctests (">>> 47 + 38" / "85"):
-    # this share of the pretraining characters (digits are one token each, so the token share is
-    # about 2.5x larger). Never includes an evaluation problem; never in the held-out text.
-    arithmetic_char_share: float = 0.07
-    arithmetic_lines_per_doc: int = 16
+    # Elementary arithmetic the base model should know: worked two-number sums in the task's format
+    # ("Q: 12 + 7 = ?" / "A: 12 + 7 = 19. Answer: 19"), this share of the pretraining characters.
+    # Never a three-number problem (the task); never in the held-out text.
+    arithmetic_char_share: float = 0.25
+    arithmetic_per_doc: int = 8
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class ModelConfig:
 class PretrainConfig:
     seq_len: int = 128
     batch_size: int = 32
-    steps: int = 300
+    steps: int = 500
     lr: float = 3e-3
     warmup_steps: int = 30
     weight_decay: float = 0.1
@@ -52,8 +52,8 @@ class PretrainConfig:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    operand_digits: int = 2  # a + b with a, b of exactly this many digits
-    train_problems: int = 256  # drawn per seed from the pool that excludes the eval problems
+    operands: int = 3  # sums of this many one-digit numbers (10**3 = 1000 problems)
+    train_problems: int = 512  # drawn per seed from the pool that excludes the eval problems
     eval_problems: int = 200  # fixed held-out problems for exact-match accuracy
     entropy_probe: int = 64  # training problems whose answer-token entropy is tracked at evals
 
@@ -61,10 +61,10 @@ class TaskConfig:
 @dataclass(frozen=True)
 class FinetuneConfig:
     methods: Tuple[str, ...] = METHODS
-    lrs: Tuple[float, ...] = (1e-4, 3e-4, 1e-3)  # the SAME grid for every method
+    lrs: Tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3)  # the SAME grid for every method
     seeds: Tuple[int, ...] = (0, 1, 2)
     batch_size: int = 16
-    epochs: int = 6
+    epochs: int = 5
     warmup_steps: int = 10  # linear lr warm-up, then constant (verl's PSFT schedule)
     weight_decay: float = 0.1
     max_grad_norm: float = 1.0
@@ -94,9 +94,11 @@ class StudyConfig:
         """Hash of what determines the tokenizer and the pretrained model (and the Python version,
         whose standard library is the corpus)."""
         parts = {"corpus": dataclasses.asdict(self.corpus), "model": dataclasses.asdict(self.model),
-                 "task": dataclasses.asdict(self.task),  # the evaluation problems are kept out of pretraining
                  "pretrain": dataclasses.asdict(self.pretrain), "python": sys.version.split()[0],
-                 "format": 1}
+                 # what else the cached files depend on: the arithmetic in the corpus, the held-out
+                 # windows saved beside the model, the base's fact accuracy in meta.json
+                 "operands": self.task.operands, "ood_eval_sequences": self.finetune.ood_eval_sequences,
+                 "max_new_tokens": self.finetune.max_new_tokens, "format": 1}
         blob = json.dumps(parts, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -1,7 +1,7 @@
 """General English text that every CPython installation carries: the language reference behind
-``help()`` (``pydoc_data.topics``) and the standard library's docstrings; plus elementary integer
-addition written as Python doctests, so that the base model knows some arithmetic before it is
-fine-tuned on worked solutions (as the paper's base models know math before SFT).
+``help()`` (``pydoc_data.topics``) and the standard library's docstrings; plus worked two-number
+sums, so that the base model knows the addition facts before it is fine-tuned on three-number
+problems (as the paper's base models know math before SFT).
 
 Docstrings are read with ``ast`` from the source files, never by importing modules (importing the
 whole standard library is slow and has side effects). The split into pretraining and held-out text
@@ -18,7 +18,7 @@ import sysconfig
 from typing import List, Tuple
 
 from .config import CorpusConfig, TaskConfig
-from .task import eval_problems
+from .task import Problem
 
 # Packages whose docstrings are test scaffolding, demos or vendored code rather than documentation.
 _SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip", "site-packages", "dist-packages",
@@ -60,28 +60,21 @@ def _is_heldout(text: str, every: int) -> bool:
     return int(hashlib.sha1(text.encode("utf-8")).hexdigest(), 16) % every == 0
 
 
-def arithmetic_doctests(n_chars: int, lines_per_doc: int, task: TaskConfig) -> List[str]:
-    """Documents of doctest additions, about ``n_chars`` characters in all.
+def arithmetic_examples(n_chars: int, per_doc: int, task: TaskConfig) -> List[str]:
+    """Documents of worked two-number sums in the task's format, about ``n_chars`` characters.
 
-    Half of the sums are of two single digits (the facts a worked solution is made of), half of two
-    numbers of the task's size; no pair (in either order) of the task's evaluation problems appears,
-    so held-out accuracy is never a lookup of a pretraining line."""
-    banned = set()
-    for p in eval_problems(task):
-        banned |= {(p.a, p.b), (p.b, p.a)}
-    lo, hi = 10 ** (task.operand_digits - 1), 10 ** task.operand_digits
+    The sums are the facts a solution of the task is made of: a running total (up to 9 times the
+    task's operands minus one) plus a digit, in either order. Three-number problems never appear."""
+    top = 9 * (task.operands - 1)
     rng = random.Random(4321)
     docs, total = [], 0
     while total < n_chars:
-        lines = []
-        while len(lines) < lines_per_doc:
-            if rng.random() < 0.5:
-                a, b = rng.randrange(10), rng.randrange(10)
-            else:
-                a, b = rng.randrange(lo, hi), rng.randrange(lo, hi)
-            if (a, b) not in banned:
-                lines.append(f">>> {a} + {b}\n{a + b}")
-        docs.append("\n".join(lines))
+        items = []
+        for _ in range(per_doc):
+            a, b = rng.randrange(top + 1), rng.randrange(10)
+            p = Problem((a, b) if rng.random() < 0.5 else (b, a), "forward")
+            items.append(p.prompt + p.solution)
+        docs.append("\n\n".join(items))
         total += len(docs[-1])
     return docs
 
@@ -113,7 +106,7 @@ def load_corpus(cfg: CorpusConfig, task: TaskConfig) -> Tuple[List[str], List[st
     if cfg.arithmetic_char_share > 0:
         general = sum(len(d) for d in train)
         n_chars = int(general * cfg.arithmetic_char_share / (1 - cfg.arithmetic_char_share))
-        arith = arithmetic_doctests(n_chars, cfg.arithmetic_lines_per_doc, task)
+        arith = arithmetic_examples(n_chars, cfg.arithmetic_per_doc, task)
         # interleave rather than append, so that a prefix of the stream has the same mix
         step = max(1, len(train) // max(1, len(arith)))
         mixed, is_arith = [], []

@@ -1,16 +1,21 @@
-"""The in-domain task: two-number addition with a short worked solution, like the paper's math.
+"""The in-domain task: sums of three one-digit numbers with a short worked solution.
 
-Each solution follows one of three strategies picked at random per example (column addition with
-carries, tens-and-ones, add the tens then the ones). The demonstrations therefore have a real
-choice in them (about log 3 nats at the first answer token): a model that memorizes which strategy
-each training problem happened to get drives its entropy on the training data below what the data
-supports, the "entropy collapse" the PSFT paper describes. The answer itself is exact: every
-solution ends in "Answer: <sum>", and accuracy is the exact match of that number under greedy
-decoding.
+    Q: 7 + 8 + 5 = ?
+    A: 7 + 8 = 15, 15 + 5 = 20. Answer: 20
+
+The base model has seen two-number sums in this format during pretraining (corpus.py): it knows
+the addition facts a solution is made of. Fine-tuning teaches it to chain two of them, as SFT on
+math demonstrations teaches the paper's base models harder problems than they solve. Each solution follows one of three strategies picked at random per example, so the
+demonstrations hold a real choice (about log 3 nats at the first solution token): a model that
+memorizes which strategy each training problem happened to get drives its entropy on the training
+data below what the data supports, the "entropy collapse" the PSFT paper describes. The answer is
+exact: every solution ends in "Answer: <sum>", and accuracy is the exact match of that number under
+greedy decoding.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from dataclasses import dataclass
@@ -18,65 +23,57 @@ from typing import List, Optional, Tuple
 
 from .config import TaskConfig
 
-STRATEGIES = ("column", "tens_ones", "tens_first")
+STRATEGIES = ("forward", "backward", "swap")
 _ANSWER = re.compile(r"Answer:\s*(-?\d+)")
 
 
 @dataclass(frozen=True)
 class Problem:
-    a: int
-    b: int
+    operands: Tuple[int, ...]
     strategy: str
 
     @property
     def answer(self) -> int:
-        return self.a + self.b
+        return sum(self.operands)
 
     @property
     def prompt(self) -> str:
-        return f"Q: {self.a}+{self.b}=?\nA:"
+        return "Q: " + " + ".join(map(str, self.operands)) + " = ?\nA:"
 
     @property
     def solution(self) -> str:
-        a, b, s = self.a, self.b, self.answer
-        if self.strategy == "column":
-            ones = a % 10 + b % 10
-            carry = ones // 10
-            if carry:
-                first = f"{a % 10}+{b % 10}={ones}, write {ones % 10} carry {carry}."
-                tens = f"{a // 10}+{b // 10}+{carry}={a // 10 + b // 10 + carry}."
-            else:
-                first = f"{a % 10}+{b % 10}={ones}, write {ones}."
-                tens = f"{a // 10}+{b // 10}={a // 10 + b // 10}."
-            steps = f"{first} {tens}"
-        elif self.strategy == "tens_ones":
-            t, o = a // 10 * 10 + b // 10 * 10, a % 10 + b % 10
-            steps = f"{a // 10 * 10}+{b // 10 * 10}={t}, {a % 10}+{b % 10}={o}, {t}+{o}={s}."
-        else:  # tens_first
-            mid = a + b // 10 * 10
-            steps = f"{a}+{b // 10 * 10}={mid}, {mid}+{b % 10}={s}."
-        return f" {steps} Answer: {s}"
+        ops = list(self.operands)
+        if len(ops) < 2:
+            raise ValueError(f"a problem needs at least two operands; got {self.operands}")
+        if self.strategy == "backward":  # right to left
+            ops = ops[::-1]
+        elif self.strategy == "swap":  # the first two swapped, then left to right
+            ops[0], ops[1] = ops[1], ops[0]
+        steps, acc = [], ops[0]
+        for x in ops[1:]:
+            steps.append(f"{acc} + {x} = {acc + x}")
+            acc += x
+        return " " + ", ".join(steps) + f". Answer: {acc}"
 
 
-def _pairs(digits: int) -> List[Tuple[int, int]]:
-    lo, hi = 10 ** (digits - 1), 10 ** digits
-    return [(a, b) for a in range(lo, hi) for b in range(lo, hi)]
+def all_operand_tuples(cfg: TaskConfig) -> List[Tuple[int, ...]]:
+    return list(itertools.product(range(10), repeat=cfg.operands))
 
 
 def eval_problems(cfg: TaskConfig) -> List[Problem]:
     """The fixed held-out problems (the same for every seed and method)."""
     rng = random.Random(1234)
-    pairs = rng.sample(_pairs(cfg.operand_digits), cfg.eval_problems)
-    return [Problem(a, b, rng.choice(STRATEGIES)) for a, b in pairs]
+    chosen = rng.sample(all_operand_tuples(cfg), cfg.eval_problems)
+    return [Problem(t, rng.choice(STRATEGIES)) for t in chosen]
 
 
 def train_problems(cfg: TaskConfig, seed: int) -> List[Problem]:
-    """This seed's training set: drawn from the pairs that are not evaluation problems."""
-    held = {(p.a, p.b) for p in eval_problems(cfg)}
-    pool = [p for p in _pairs(cfg.operand_digits) if p not in held]
+    """This seed's training set: drawn from the problems that are not evaluation problems."""
+    held = {p.operands for p in eval_problems(cfg)}
+    pool = [t for t in all_operand_tuples(cfg) if t not in held]
     rng = random.Random(10_000 + seed)
-    pairs = rng.sample(pool, cfg.train_problems)
-    return [Problem(a, b, rng.choice(STRATEGIES)) for a, b in pairs]
+    chosen = rng.sample(pool, cfg.train_problems)
+    return [Problem(t, rng.choice(STRATEGIES)) for t in chosen]
 
 
 def parse_answer(text: str) -> Optional[int]:

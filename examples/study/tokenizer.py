@@ -1,8 +1,8 @@
 """A small byte-level BPE tokenizer trained offline with the ``tokenizers`` package.
 
 Digits are split one per token before BPE, so every number is spelled digit by digit: the
-arithmetic task then uses the same ten digit tokens whatever the operands (a merged "47" token
-would make each two-digit sum a separate fact to memorize).
+arithmetic then uses the same ten digit tokens whatever the numbers (a merged "15" token would be
+one more symbol whose value the model has to learn separately).
 """
 
 from __future__ import annotations
