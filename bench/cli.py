@@ -32,7 +32,8 @@ def _csv_list(text: str, choices, what: str) -> List[str]:
         return list(choices)
     bad = [t for t in items if t not in choices]
     if bad or not items:
-        raise argparse.ArgumentTypeError(f"{what}: expected a comma-separated list of {', '.join(choices)}; got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"{what}: expected a comma-separated list of {', '.join(choices)}; got {text!r}")
     return items
 
 
@@ -49,7 +50,8 @@ def _int_list(text: str) -> List[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--list", action="store_true", help="list presets and providers (with why any cannot run), then exit")
+    p.add_argument("--list", action="store_true",
+                   help="list presets and providers (with why any cannot run), then exit")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when available")
     p.add_argument("--preset", help=f"comma list of {', '.join(PRESETS)}; default: {','.join(CPU_DEFAULT)} on CPU, "
                                     f"{','.join(GPU_DEFAULT)} on CUDA")
@@ -245,9 +247,10 @@ def _sweep_inputs(sweep: Sweep, preset: Preset, kind: str, cases: List[Case], pr
             sweep.write(f"inputs {preset.name} {kind} N={N}: mean entropy {i['entropy']:.3f} nats, NLL {i['nll']:.3f}, "
                         f"PSFT clip fraction {i['clip_fraction']:.3f}, negligible 64x128 tiles "
                         f"{100 * i['filterable_tiles']:.1f}% (p < 2^-12), prior scale {i['scale']:.3f}")
-            input_rows.append(dict(date=sweep.fixed["date"], commit=sweep.fixed["commit"], device=sweep.fixed["device"],
-                                   preset=preset.name, inputs=kind, N=N, D=preset.D, V=preset.V, dtype=sweep.fixed["dtype"],
-                                   **{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in i.items() if k != "kind"}))
+            measured = {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in i.items() if k != "kind"}
+            input_rows.append(dict(date=sweep.fixed["date"], commit=sweep.fixed["commit"],
+                                   device=sweep.fixed["device"], preset=preset.name, inputs=kind, N=N, D=preset.D,
+                                   V=preset.V, dtype=sweep.fixed["dtype"], **measured))
         del weight
         _append_inputs(sweep.inputs_csv, input_rows)
         gemm = runner.floor(list(preset.N))
@@ -290,7 +293,8 @@ def _run_case(sweep, runner, preset, case, todo, infos, gemm, bar) -> None:
     emit("reference", runner.run("reference", case, {N: "provide" if timed_ref else "provide_only" for N in Ns}))
     missing = [N for N in Ns if not runner.has_truth(case, N)]
     if missing:
-        sweep.write(f"truth for {case.loss} {case.mode} N={missing} from the chunked backend (the reference did not run)")
+        sweep.write(f"truth for {case.loss} {case.mode} N={missing} from the chunked backend "
+                    "(the reference did not run)")
         emit("chunked-as-truth", runner.run("chunked", case, {N: "provide_only" for N in missing}))
     for provider in todo:
         if provider != "reference":

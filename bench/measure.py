@@ -7,10 +7,11 @@ The protocol for one (provider, case, N), the same on every device:
    loss, and for ``fwd_bwd`` the gradients of hidden and weight, or the per-token log-probs and
    entropies for ``logprobs``. A provider whose error, relative to the largest magnitude of the
    output, exceeds ``rtol`` in any output disagrees: it is reported and not timed;
-3. peak memory of one more call, beyond what was allocated before it, minus the outputs it returns
+3. peak memory of a call, beyond what was allocated before it, minus the outputs it returns
    (loss, gradients, log-probs): what the loss needs on top of its inputs and results. GPU:
-   ``torch.cuda.max_memory_allocated``. CPU: the process's peak resident set (``VmHWM``, reset
-   through ``/proc/self/clear_refs`` after returning freed heap pages with ``malloc_trim``);
+   ``torch.cuda.max_memory_allocated`` over one more call. CPU: the process's peak resident set
+   over the first timed call (``VmHWM``, reset through ``/proc/self/clear_refs`` after returning
+   freed heap pages with ``malloc_trim``);
 4. time: GPU, CUDA events through ``triton.testing.do_bench`` (median, 20th and 80th
    percentiles); CPU, wall-clock of ``repeats`` calls (same statistics).
 """
@@ -20,7 +21,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional
@@ -87,7 +87,8 @@ def run_once(fn: Callable, h: Tensor, w: Tensor, mode: str) -> List[Tensor]:
     return [loss.detach(), h.grad, w.grad]
 
 
-OUTPUT_NAMES = {"fwd": ("loss",), "fwd_bwd": ("loss", "grad_hidden", "grad_weight"), "logprobs": ("logprobs", "entropy")}
+OUTPUT_NAMES = {"fwd": ("loss",), "fwd_bwd": ("loss", "grad_hidden", "grad_weight"),
+                "logprobs": ("logprobs", "entropy")}
 
 
 def _max_abs(x: Tensor, rows: int = 4096) -> float:
@@ -99,8 +100,9 @@ def _max_abs(x: Tensor, rows: int = 4096) -> float:
 def _max_abs_diff(a: Tensor, b: Tensor, rows: int = 4096) -> float:
     """max |a - b| in fp32, a block of rows at a time (a V x D gradient upcast at once is GBs)."""
     if a.dim() == 0:
-        return float((a.float() - b.float()).abs())
-    return max(float((a[i:i + rows].float() - b[i:i + rows].float()).abs().max()) for i in range(0, a.shape[0], rows))
+        return float((a.float() - b.to(a.device).float()).abs())
+    return max(float((a[i:i + rows].float() - b[i:i + rows].to(a.device).float()).abs().max())
+               for i in range(0, a.shape[0], rows))
 
 
 def compare(outs: List[Tensor], truth: List[Tensor], mode: str) -> Dict[str, tuple]:
@@ -110,8 +112,7 @@ def compare(outs: List[Tensor], truth: List[Tensor], mode: str) -> Dict[str, tup
         if a is None or tuple(a.shape) != tuple(b.shape):
             errs[name] = (math.nan, math.nan)
             continue
-        b = b.to(a.device)
-        err = _max_abs_diff(a, b)
+        err = _max_abs_diff(a, b)  # the truth may live on the host: it moves a block at a time
         scale = _max_abs(b)
         errs[name] = (err, err / scale if scale > 0 else (0.0 if err == 0 else math.inf))
     return errs
@@ -213,6 +214,23 @@ def time_ms(call: Callable, settings: Settings, estimate_ms: float) -> tuple:
     return _quantiles(ms)
 
 
+def _cpu_time_and_peak(call: Callable[[], List[Tensor]], repeats: int):
+    """Wall-clock (median, p20, p80) of ``repeats`` calls, and the peak RSS of the first (MiB)."""
+    ms, peak = [], None
+    for r in range(repeats):
+        gc.collect()
+        if r == 0:
+            _trim_heap()
+            base = _proc_status_kib("VmRSS") if _reset_peak_rss() else None
+        t0 = time.perf_counter()
+        outs = call()
+        ms.append((time.perf_counter() - t0) * 1e3)
+        if r == 0 and base is not None:
+            peak = max(0.0, (_proc_status_kib("VmHWM") * 1024 - base * 1024 - _nbytes(outs)) / 2 ** 20)
+        del outs
+    return _quantiles(ms), peak
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -272,21 +290,26 @@ def measure(provider_name: str, case: Case, prob: Problem, truth_get, truth_put,
             return Outcome(N, "truth", max_abs_err=0.0, max_rel_err=0.0)
         call = lambda: run_once(fn, h, w, case.mode)  # noqa: E731
         h.grad = w.grad = None
-        # A second untimed call: torch.compile specializes on the first, allocators warm up.
-        t0 = time.perf_counter()
-        run_once(fn, h, w, case.mode)
-        _sync(dev)
-        estimate = min(first_ms, (time.perf_counter() - t0) * 1e3)
-        h.grad = w.grad = None
-        mem = peak_mib(call, dev)
-        h.grad = w.grad = None
-        med, p20, p80 = time_ms(call, settings, estimate)
+        if dev == "cuda":
+            # A second untimed call (torch.compile specializes on the first; allocators warm up),
+            # whose time tells do_bench's budget how many calls fit; then one call to weigh.
+            t0 = time.perf_counter()
+            run_once(fn, h, w, case.mode)
+            _sync(dev)
+            estimate = min(first_ms, (time.perf_counter() - t0) * 1e3)
+            h.grad = w.grad = None
+            mem = peak_mib(call, dev)
+            h.grad = w.grad = None
+            med, p20, p80 = time_ms(call, settings, estimate)
+        else:  # CPU calls are slow: the first timed call is also the one weighed
+            (med, p20, p80), mem = _cpu_time_and_peak(call, settings.repeats)
         return Outcome(N, "ok", ms_median=med, ms_p20=p20, ms_p80=p80, peak_mem_mib=mem, max_abs_err=abs_err,
                        max_rel_err=rel_err)
     except Exception as exc:  # noqa: BLE001 - reported per provider, the sweep goes on
         if _is_oom(exc):
             return Outcome(N, "oom", "out of memory")
-        return Outcome(N, "error", f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300])
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        return Outcome(N, "error", f"{type(exc).__name__}: {first_line}"[:300])
     finally:
         del fn, outs
         _free(dev)

@@ -206,7 +206,8 @@ def skip_reason(provider: Provider, case: Case) -> Optional[str]:
         try:
             importlib.import_module(provider.module)
         except Exception as exc:  # missing, or present but unusable here (e.g. no triton)
-            return f"{provider.package} cannot be imported ({type(exc).__name__}: {exc}); pip install {provider.package}"
+            return (f"{provider.package} cannot be imported ({type(exc).__name__}: {exc}); "
+                    f"pip install {provider.package}")
     if provider.check is not None:
         return provider.check(case)
     return None

@@ -62,7 +62,8 @@ class DiskStore:
         torch.save([t.detach().cpu() for t in outs], self._truth_path(case, N))
 
 
-def run_outcomes(provider: str, case: Case, roles: Dict[int, str], get_problem, store, settings: Settings) -> List[Outcome]:
+def run_outcomes(provider: str, case: Case, roles: Dict[int, str], get_problem, store,
+                 settings: Settings) -> List[Outcome]:
     """``measure`` for each N of ``roles`` (N -> role), in increasing N."""
     out = []
     for N in sorted(roles):
@@ -83,8 +84,8 @@ class _MemoryStore:
     def get_truth(self, case, N):
         return self.truths.get((case, N))
 
-    def put_truth(self, case, N, outs):
-        self.truths[(case, N)] = [t.detach() for t in outs]
+    def put_truth(self, case, N, outs):  # on the host: a GPU's memory is what is being measured
+        self.truths[(case, N)] = [t.detach().cpu() for t in outs]
 
     def drop(self, case):
         for key in [k for k in self.truths if k[0] == case]:
@@ -154,7 +155,8 @@ class IsolatedRunner:
         return {int(k): v for k, v in result.items()}
 
     def run(self, provider: str, case: Case, roles: Dict[int, str]) -> List[Outcome]:
-        result, err = self._spawn({"provider": provider, "case": asdict(case), "roles": {str(k): v for k, v in roles.items()}})
+        job = {"provider": provider, "case": asdict(case), "roles": {str(k): v for k, v in roles.items()}}
+        result, err = self._spawn(job)
         if result is None:  # the process died (killed for memory, crashed in native code)
             status = "oom" if "status -9" in err else "error"
             return [Outcome(N, status, err) for N in sorted(roles)]
