@@ -3,6 +3,7 @@
     python -m bench                         # this device's default sweep (see --help)
     python -m bench --preset cpu --loss psft,sft --mode fwd_bwd --providers reference,chunked
     python -m bench plot                    # PNGs from the CSVs in bench/results/
+    python -m bench merge OTHER/*.csv       # append rows measured elsewhere (a lent GPU) to bench/results/
     python -m bench --list                  # presets and providers, and why some cannot run here
 """
 
@@ -315,12 +316,32 @@ def _append_inputs(path: str, rows: List[dict]) -> None:
         w.writerows(rows)
 
 
+def merge(argv: List[str]) -> int:
+    """Append the rows of CSVs written elsewhere (same file names) to the results directory."""
+    p = argparse.ArgumentParser(prog="python -m bench merge", description=merge.__doc__)
+    p.add_argument("sources", nargs="+", help="<device>.csv / <device>.inputs.csv files from another run")
+    p.add_argument("--results-dir", "--out", dest="results_dir", default=DEFAULT_RESULTS)
+    args = p.parse_args(argv)
+    for src in args.sources:
+        rows = results.read(src)
+        dest = os.path.join(args.results_dir, os.path.basename(src))
+        if src.endswith(".inputs.csv"):
+            _append_inputs(dest, rows)
+            n = len(rows)
+        else:
+            n = results.append(dest, rows)  # checks the columns
+        print(f"{n} rows from {src} appended to {dest}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "plot":
         from . import plot
 
         return plot.main(argv[1:])
+    if argv and argv[0] == "merge":
+        return merge(argv[1:])
     if argv and argv[0] == "run":
         argv = argv[1:]
     parser = build_parser()

@@ -2,7 +2,8 @@
 
 One figure per (device, lm-head shape, dtype, input kind, mode); one row of panels per loss, time
 on the left, memory on the right. Providers are bars side by side at each N; the dense-GEMM floor
-of the same shapes is the black line across each group of time bars. Only the latest
+of the same shapes is the black line across each group of time bars, and each time bar is labelled
+with its ratio to that floor. Only the latest
 measurement of each (provider, loss, mode, N, shape, dtype, input kind) is drawn. Log scales.
 """
 
@@ -93,6 +94,7 @@ def _panel(ax_t, ax_m, rows, loss, colors) -> None:
     provs += sorted({r["provider"] for r in rows} - set(provs))
     width = 0.8 / max(1, len(provs))
     by = {(r["provider"], int(r["N"])): r for r in rows}
+    seen = {ax_t: [], ax_m: []}  # plotted values, for the log axes' limits
     for j, p in enumerate(provs):
         xs, ts, ms = [], [], []
         for i, N in enumerate(Ns):
@@ -110,18 +112,29 @@ def _panel(ax_t, ax_m, rows, loss, colors) -> None:
             xs.append(x)
             ts.append(t)
             ms.append(max(m or 0.0, 0.01))
+            seen[ax_t].append(t)
+            seen[ax_m].append(ms[-1])
         ax_t.bar(xs, ts, width, label=p, color=colors[p])
         ax_m.bar(xs, ms, width, label=p, color=colors[p])
+        for x, t, r in zip(xs, ts, (by[(p, N)] for N in Ns if (p, N) in by and _num(by[(p, N)]["ms_median"]))):
+            floor = _num(r["floor_ms"])
+            if floor:  # time / floor above each bar: the ratio the numbers are read by
+                ratio = t / floor
+                ax_t.annotate(f"{ratio:.2g}x" if ratio < 100 else f"{ratio:.0f}x", (x, t), xytext=(0, 2),
+                              textcoords="offset points", ha="center", va="bottom", fontsize=6, rotation=90)
     for i, N in enumerate(Ns):
         floors = [_num(by[(p, N)]["floor_ms"]) for p in provs if (p, N) in by and _num(by[(p, N)]["floor_ms"])]
         if floors:
             f = sorted(floors)[len(floors) // 2]
             ax_t.hlines(f, i - 0.45, i + 0.45, colors="black", linestyles="--", linewidth=1.5,
                         label="dense GEMM floor" if i == 0 else None)
+            seen[ax_t].append(f)
     for ax, what in ((ax_t, "time, ms (median)"), (ax_m, "peak memory beyond inputs/outputs, MiB")):
         ax.set_xticks(range(len(Ns)))
         ax.set_xticklabels([f"N={N}" for N in Ns])
         ax.set_yscale("log")
+        if seen[ax]:  # log-scale bars need a bottom well below the shortest one, and room for labels
+            ax.set_ylim(min(seen[ax]) / 3, max(seen[ax]) * 4)
         ax.set_ylabel(what, fontsize=9)
         ax.set_title(loss, fontsize=10, loc="left")
         ax.grid(axis="y", which="both", alpha=0.3)
