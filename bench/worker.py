@@ -1,4 +1,4 @@
-"""One provider (or the GEMM floor) in a process of its own: ``python -m bench.worker JOB RESULT``.
+"""One provider in a process of its own: ``python -m bench.worker JOB RESULT``.
 
 ``JOB`` is a JSON file written by :class:`bench.runner.IsolatedRunner`; the outcomes are written
 to ``RESULT`` as JSON. Not meant to be run by hand.
@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from .measure import Settings, floor_ms
+from .measure import Settings
 from .providers import Case
 from .runner import DiskStore, run_outcomes
 
@@ -24,12 +24,9 @@ def main(argv) -> int:
         torch.set_num_threads(job["threads"])
     settings = Settings(**job["settings"])
     store = DiskStore(job["store"], settings.device)
-    if job["provider"] == "floor":
-        result = {N: floor_ms(store.problem(N), settings) for N in job["Ns"]}
-    else:
-        case = Case(**job["case"])
-        roles = {int(k): v for k, v in job["roles"].items()}
-        result = [o.to_dict() for o in run_outcomes(job["provider"], case, roles, store.problem, store, settings)]
+    case = Case(**job["case"])
+    roles = {int(k): v for k, v in job["roles"].items()}
+    result = [o.to_dict() for o in run_outcomes(job["provider"], case, roles, store.problem, store, settings)]
     with open(result_path, "w") as f:
         json.dump(result, f)
     return 0

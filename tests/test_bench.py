@@ -101,16 +101,14 @@ def test_disagreeing_provider_is_reported_and_not_timed(tmp_path, monkeypatch, c
 def test_missing_and_inapplicable_providers_are_skipped_with_a_message(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "cut_cross_entropy", None)  # as if not installed: import fails
     args = [*TINY, "--isolate", "no", "--loss", "sft", "--mode", "fwd_bwd",
-            "--providers", "cce_compile,cce,torch_lce,chunked", "--results-dir", str(tmp_path)]
+            "--providers", "cce_compile,cce,chunked", "--results-dir", str(tmp_path)]
     assert cli.main(args) == 0
     console = capsys.readouterr().out
     assert "skip cce_compile: cut-cross-entropy cannot be imported" in console
     assert "pip install cut-cross-entropy" in console
     assert "skip cce: needs a CUDA GPU" in console
     provs = {r["provider"] for r in _rows(tmp_path)}
-    assert "chunked" in provs and "cce_compile" not in provs and "cce" not in provs
-    if providers._torch_lce_check(None) is None:  # torch >= 2.13 has it: it runs and agrees
-        assert "torch_lce" in provs
+    assert provs == {"chunked"}
 
 
 def test_bad_arguments_are_rejected_with_the_name(capsys):
@@ -123,16 +121,16 @@ def test_bad_arguments_are_rejected_with_the_name(capsys):
 
 
 def test_inputs_have_the_structure_they_claim():
-    V, D = 16384, 32
-    zw, zi = make_weight("zipf", V, D, torch.float32, "cpu", seed=1, entropy=2.0)
+    V, D = 8192, 32
+    zw, zi = make_weight("zipf", V, D, torch.float32, "cpu", seed=1, entropy=1.0)
     fw, fi = make_weight("flat", V, D, torch.float32, "cpu", seed=1)
-    z = make_problem(zw, zi, 256, seed=1)
-    f = make_problem(fw, fi, 256, seed=1)
-    # Tuned to ~2 nats (a probe, so not exact); the flat worst case sits near log V.
-    assert 1.5 < z.info["entropy"] < 2.6
+    z = make_problem(zw, zi, 128, seed=1)
+    f = make_problem(fw, fi, 128, seed=1)
+    # Tuned to ~1 nat (on a probe, so not exactly); the flat worst case sits near log V.
+    assert 0.7 < z.info["entropy"] < 1.4
     assert f.info["entropy"] > math.log(V) - 1.0
     # The shared prior leaves whole tiles negligible; i.i.d. logits leave none.
-    assert z.info["filterable_tiles"] > 0.03 and f.info["filterable_tiles"] == 0.0
+    assert z.info["filterable_tiles"] > 0.05 and f.info["filterable_tiles"] == 0.0
     # Realizable as (hidden, weight): the measured stats are those of the actual logits.
     logp, entropy = pk.linear_logprobs(z.hidden, z.weight, z.targets, backend="reference")
     assert abs(float(entropy.mean()) - z.info["entropy"]) < 1e-4
