@@ -320,7 +320,7 @@ def floor_ms(prob: Problem, settings: Settings) -> Dict[str, float]:
     h, w = prob.hidden, prob.weight
     N, D, V = prob.shape
     gen = torch.Generator(device=h.device).manual_seed(12345)
-    dz = torch.randn(N, V, device=h.device, generator=gen).to(h.dtype)  # never zeros: they can run faster
+    dz = torch.randn(N, V, device=h.device, dtype=h.dtype, generator=gen)  # never zeros: they can run faster
     z, gh, gw = torch.empty(N, V, dtype=h.dtype, device=h.device), torch.empty_like(h), torch.empty_like(w)
     gemms = {"logits": lambda: torch.mm(h, w.T, out=z), "grad_hidden": lambda: torch.mm(dz, w, out=gh),
              "grad_weight": lambda: torch.mm(dz.T, h, out=gw)}
