@@ -364,12 +364,16 @@ def test_compile_fullgraph_matches_reference(monkeypatch):
     tr = triton_module()
     monkeypatch.setattr(tr.backend.TritonBackend, "skips_host_target_check", lambda self, device: True)
     prob = problem("asft", bias=True, **MEDIUM)
+    old = prob.old_logprobs
 
     def fn(h, w, b):
-        loss = pk.linear_asft_loss(h, w, prob.targets, prob.ref_hidden, prob.ref_weight, bias=b, kl_coef=0.3,
+        # reduction="none" (coefficients saved, backward kernels in backward), a scalar reduction
+        # (gradients formed in the forward) and the log-prob primitive, in one graph.
+        asft = pk.linear_asft_loss(h, w, prob.targets, prob.ref_hidden, prob.ref_weight, bias=b, kl_coef=0.3,
                                    entropy_coef=0.1, reduction="none", backend="triton")
+        psft = pk.linear_psft_loss(h, w, prob.targets, old, bias=b, backend="triton")
         logp, ent = pk.linear_logprobs(h, w, prob.targets, bias=b, backend="triton")
-        return loss.sum() + 0.3 * logp.sum() + ent.sum()
+        return asft.sum() + psft + 0.3 * logp.sum() + ent.sum()
 
     def grads(f):
         h, w, b = (t.clone().requires_grad_(True) for t in (prob.hidden, prob.weight, prob.bias))
