@@ -387,6 +387,23 @@ def test_compile_fullgraph_matches_reference(monkeypatch):
         torch.testing.assert_close(a, e, **F32)
 
 
+def _has_nvidia_compiler():
+    try:
+        import triton.backends.nvidia.compiler  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_nvidia_compiler(), reason="this Triton build has no NVIDIA backend")
+def test_kernels_compile_for_hopper():
+    """Triton's real compiler (ptxas ships with it) accepts every kernel variant the launchers
+    use: catches code-generation errors the interpreter cannot see (tests/triton_aot.py)."""
+    out = _python("import runpy, sys; sys.argv = ['triton_aot.py', '--arch', '90']; "
+                  "sys.exit(runpy.run_path('tests/triton_aot.py', run_name='__main__'))")
+    assert "kernel variants for sm_90" in out
+
+
 # ----------------------------------------------------------------------------------------------
 # Availability (subprocesses: TRITON_INTERPRET and the import of triton are process-wide)
 # ----------------------------------------------------------------------------------------------
@@ -492,3 +509,29 @@ def test_gpu_determinism_and_split_k():
     plain = run("psft", "reference", prob)
     for res in (runs[0], fast):
         assert_matches_truth(res, plain, truth, slack=1e-2, what="determinism")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss", ["psft", "asft"])
+def test_gpu_no_host_sync(loss):
+    """Forward and backward issue no host-device synchronisation (CUDA sync debug mode raises
+    on any), including the scalar reduction whose gradients are formed in the forward op."""
+    prob = _gpu_problem(1000, 256, 5000, loss, dtype=torch.bfloat16)
+    h, w = (t.clone().requires_grad_(True) for t in (prob.hidden, prob.weight))
+    args = (prob.ref_hidden, prob.ref_weight) if loss == "asft" else (prob.old_logprobs,)
+    fn = pk.linear_asft_loss if loss == "asft" else pk.linear_psft_loss
+
+    def step():
+        fn(h, w, prob.targets, *args, backend="triton").backward()
+        out, ent = pk.linear_logprobs(h, w, prob.targets, backend="triton")
+        (out.sum() + ent.sum()).backward()
+
+    step()  # compiles the kernels and imports the backend
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()

@@ -24,8 +24,9 @@ import triton
 import triton.language as tl
 
 # Start value of a running max. Finite on purpose: ``(m_old - m_new) * s`` with ``s = 0`` must be
-# 0, not NaN, in the first merge. Logits below -1e30 are treated as -inf.
-NEG_BIG = -1.0e30
+# 0, not NaN, in the first merge. Logits below -1e30 are treated as -inf. A constexpr: compiled
+# kernels may only read globals that are (the interpreter does not check this).
+NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
