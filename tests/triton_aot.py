@@ -36,16 +36,20 @@ from helpers import make_problem, run  # noqa: E402
 class Recorder:
     """Stands in for a JIT kernel: ``kernel[grid](*args, **kw)`` records the launch."""
 
-    def __init__(self, kernel, launches):
-        self.kernel, self.launches = kernel, launches
+    def __init__(self, kernel, launches, every_dtype):
+        self.kernel, self.launches, self.every_dtype = kernel, launches, every_dtype
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             names = [p.name for p in self.kernel.params]
             values = {**dict(zip(names, args)), **kwargs}
+            # A variant is its constexprs (upper-case names, None pointers); with every_dtype
+            # also its argument types (bf16 / fp16 / fp32 pointers give different code).
             key = (self.kernel.fn.__name__,) + tuple(
-                (k, repr(v) if v is None or isinstance(v, (bool, str)) or k.isupper() or k.startswith("num_")
-                 else mangle_type(v)) for k, v in sorted(values.items()))
+                (k, repr(v)) for k, v in sorted(values.items()) if v is None or k.isupper() or k.startswith("num_"))
+            if self.every_dtype:
+                key += tuple(mangle_type(v) for k, v in sorted(values.items()) if v is not None and not k.isupper()
+                             and not k.startswith("num_"))
             self.launches.setdefault(key, (self.kernel, values))
         return launch
 
@@ -58,7 +62,7 @@ def record(full: bool, tiles: str):
     for mod, names in ((forward, ["_head_stats_kernel"]), (epilogue, ["_head_epilogue_kernel"]),
                        (backward, ["_head_dz_kernel", "_grad_hidden_kernel", "_grad_weight_kernel"])):
         for name in names:
-            setattr(mod, name, Recorder(getattr(mod, name), launches))
+            setattr(mod, name, Recorder(getattr(mod, name), launches, full))
     config.arch = lambda device: tiles  # the GPU's tile sizes, not the CPU's
     backend.TritonBackend.unavailable_reason = lambda self, device: None
     backend.TritonBackend.skips_host_target_check = lambda self, device: True
@@ -91,6 +95,21 @@ def record(full: bool, tiles: str):
     return launches
 
 
+def flag_cover(launches):
+    """Per kernel, a few launches in which every (constexpr, value) pair seen occurs at least once
+    (greedy set cover): compile errors hide behind flags, rarely behind their combinations."""
+    chosen = {}
+    for kernel_name in sorted({key[0] for key in launches}):
+        keys = [key for key in launches if key[0] == kernel_name]
+        pairs = {key: {kv for kv in key[1:] if isinstance(kv, tuple)} for key in keys}
+        todo = set().union(*pairs.values())
+        while todo:
+            best = max(keys, key=lambda k: len(pairs[k] & todo))
+            todo -= pairs[best]
+            chosen[best] = launches[best]
+    return chosen
+
+
 def compile_all(launches, arch: int) -> int:
     target = GPUTarget("cuda", arch, 32)
     failures = 0
@@ -117,13 +136,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--tiles", default="hopper", help="which entry of config._TILES to launch with")
-    ap.add_argument("--full", action="store_true", help="every loss x dtype, not only the flag cover")
+    ap.add_argument("--full", action="store_true",
+                    help="every loss x dtype and every argument-type variant, not only one per constexpr set")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the kernels must be JIT functions", file=sys.stderr)
         return 2
     start = time.time()
     launches = record(args.full, args.tiles)
+    if not args.full:
+        launches = flag_cover(launches)
     failures = compile_all(launches, args.arch)
     print(f"compiled {len(launches) - failures}/{len(launches)} kernel variants for sm_{args.arch} "
           f"in {time.time() - start:.0f}s")
