@@ -47,7 +47,8 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1",
+                  "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
 
 
 def llama(seed=0, **overrides):
@@ -279,8 +280,10 @@ def test_psft_with_refresh_every_step_takes_sfts_steps(tmp_path):
 def test_gradient_accumulation_4x2_equals_1x8(tmp_path, loss_type):
     start, data = llama(), examples()
     kw = dict(loss_type=loss_type, max_steps=3, old_policy_refresh_steps=2)
-    small = train(copy.deepcopy(start), tmp_path, data, per_device_train_batch_size=2, gradient_accumulation_steps=4, **kw)
-    big = train(copy.deepcopy(start), tmp_path, data, per_device_train_batch_size=8, gradient_accumulation_steps=1, **kw)
+    small = train(copy.deepcopy(start), tmp_path, data, per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                  **kw)
+    big = train(copy.deepcopy(start), tmp_path, data, per_device_train_batch_size=8, gradient_accumulation_steps=1,
+                **kw)
     assert_params_differ(big.model, start)
     assert_params_close(small.model, big.model)
     for a, b in zip(step_logs(small), step_logs(big)):
@@ -342,7 +345,8 @@ def test_sft_warmup_then_psft_groups(tmp_path):
         assert not PSFT_KEYS & h.keys()
         assert h["loss"] == pytest.approx(h["nll"], rel=1e-5)
     assert all(PSFT_KEYS <= h.keys() for h in logs[2:])
-    assert logs[2]["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and logs[4]["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    for first_of_group in (logs[2], logs[4]):
+        assert first_of_group["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
 
 
 OLD_LOOP = tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (4, 50)
@@ -499,6 +503,33 @@ def test_bf16_model_trains_and_matches_fp32_nll(tmp_path):
     assert next(bf16_model.parameters()).dtype == torch.bfloat16
 
 
+@pytest.mark.slow
+def test_ddp_two_processes_take_the_steps_of_one_with_the_same_global_batch(tmp_path):
+    """2 processes x (batch 2, GA 2) vs 1 process x (batch 2, GA 4): the same 8 sequences per step
+    (each process gets every other micro-batch of the same sampler). Checks DDP's gradient sync
+    through the hooked forward, num_items_in_batch counted over both processes, pi_old per process."""
+    worker = os.path.join(ROOT, "tests", "hf_ddp_worker.py")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    runs = {"ddp": tmp_path / "ddp", "single": tmp_path / "single"}
+    runs["ddp"].mkdir()
+    done = subprocess.run(launcher + [worker, "psft", str(runs["ddp"]), "2"], cwd=ROOT, env=SUBPROCESS_ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs["single"].mkdir()
+    runpy.run_path(worker, run_name="worker")["main"]("psft", str(runs["single"]), 4)
+    params = {f"{name}{r}": torch.load(runs[name] / f"params{r}.pt")
+              for name, r in (("ddp", 0), ("ddp", 1), ("single", 0))}
+    for key in params["single0"]:
+        assert torch.equal(params["ddp0"][key], params["ddp1"][key]), key  # the processes stay in sync
+        assert torch.allclose(params["ddp0"][key], params["single0"][key], rtol=0, atol=1e-6), key
+    logs = {name: json.loads((runs[name] / "logs0.json").read_text()) for name in runs}
+    assert (logs["ddp"]["world_size"], logs["single"]["world_size"]) == (2, 1)
+    for a, b in zip(logs["ddp"]["logs"], logs["single"]["logs"]):
+        assert a["tokens"] == b["tokens"]  # metrics are reduced over the processes
+        for key in ("loss", "nll", "ratio_mean", "clip_fraction"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
 # ----------------------------------------------------------------------------------------------
 # Import hygiene and the examples
 # ----------------------------------------------------------------------------------------------
@@ -526,14 +557,14 @@ def test_train_hf_example_writes_metrics(tmp_path, train_hf, loss):
         assert ("kl" in r) == (loss == "asft")
 
 
-def test_train_hf_example_cli_with_lora_and_a_dataset_file(tmp_path):
+def test_train_hf_example_cli_with_lora_and_a_dataset_file(tmp_path, monkeypatch):
+    pytest.importorskip("peft")
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": f"{i} times 2 is", "completion": f" {2 * i}"}) for i in range(40)))
-    out = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", "train_hf.py"), "--loss", "asft", "--lora", "--max-steps", "2",
-         "--dataset", str(data), "--output-dir", str(tmp_path / "run"), "--batch-size", "4"],
-        cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    argv = ["train_hf.py", "--loss", "asft", "--lora", "--max-steps", "2", "--dataset", str(data),
+            "--output-dir", str(tmp_path / "run"), "--batch-size", "4"]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(os.path.join(ROOT, "examples", "train_hf.py"), run_name="__main__")
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2] and all("kl" in r for r in rows)
 

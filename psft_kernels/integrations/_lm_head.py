@@ -153,7 +153,7 @@ class LMHead:
         e.g. the DDP wrapper around it. ``keep_logits=None`` lets the model compute all its logits
         (the result is returned as the second element of a pair then).
         """
-        decoder = model.get_decoder()
+        decoder = base_model(model).get_decoder()
         seen = []
 
         def record(_module, _args, output):
@@ -206,6 +206,7 @@ class LMHead:
         if logits is None:
             logits = output[0]
         weight, bias = self.weights(model)
+        hidden, logits = hidden.to(weight.device), logits.to(weight.device)  # a model split over devices
         low_precision = low_precision or any(
             t.dtype in (torch.float16, torch.bfloat16) for t in (hidden, weight, logits))
         y, x = logits.double(), self.logits_from(hidden, weight, bias)

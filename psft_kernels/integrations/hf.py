@@ -31,10 +31,11 @@ What the trainer does beyond ``transformers.Trainer`` (METHOD.md, "Training prot
 * Evaluation reports the token-mean NLL (cross-entropy), whatever ``loss_type`` says, through the
   fused head when ``prediction_loss_only=True``; otherwise through the model's own forward.
 
-Tested with transformers 5.x on CPU (fp32 and bf16 models, gradient checkpointing, peft LoRA).
-Not supported: DataParallel (``n_gpu > 1``; use ``torchrun``), FSDP, DeepSpeed, context/sequence
-parallelism, label smoothing, ``compute_loss_func``, and MoE auxiliary losses (the router loss a
-model adds to its own loss is not added here).
+Tested on CPU with transformers 4.46, 5.17 and 5.23: fp32 and bf16 models, autocast,
+gradient checkpointing, peft LoRA, DDP (2 processes). Not supported: DataParallel
+(``n_gpu > 1``; launch with ``torchrun``), FSDP, DeepSpeed, context / sequence parallelism,
+label smoothing, ``compute_loss_func``, prompt-learning peft adapters, a peft tuner on the
+lm-head, and MoE auxiliary losses (a router loss the model adds to its own loss is not added).
 """
 
 from __future__ import annotations
@@ -105,14 +106,20 @@ class PSFTConfig(TrainingArguments):
         super().__post_init__()
 
 
-def _like(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
-    """The head in the hidden states' dtype (under autocast an fp32 head meets bf16 hidden states,
-    and the lm-head would have run in bf16 too); the cast is differentiable."""
+def _head_inputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], *per_token: Optional[Tensor]):
+    """Everything on the head's device and the head in the hidden states' dtype (differentiable moves).
+
+    A model split over devices (``device_map``) has its last hidden states and its lm-head where
+    they are; under autocast an fp32 head meets bf16 hidden states, and the lm-head would have run
+    in bf16 as well.
+    """
+    device = weight.device
+    hidden = hidden.to(device)
     if weight.dtype != hidden.dtype:
         weight = weight.to(hidden.dtype)
     if bias is not None and bias.dtype != hidden.dtype:
         bias = bias.to(hidden.dtype)
-    return weight, bias
+    return (hidden, weight, bias, *(None if t is None else t.to(device) for t in per_token))
 
 
 class PSFTTrainer(Trainer):
@@ -124,8 +131,8 @@ class PSFTTrainer(Trainer):
     started) and ``old_logprob_passes`` (micro-batches whose pi_old log-probs were computed).
     """
 
-    # compute_loss divides by num_items_in_batch itself (transformers >= 5.21 reads this; older
-    # versions read model_accepts_loss_kwargs, set in __init__).
+    # compute_loss divides by num_items_in_batch itself: recent transformers read this flag, older
+    # versions model_accepts_loss_kwargs (set in __init__).
     loss_is_scaled_for_ga = True
 
     def __init__(self, model=None, args=None, *trainer_args, ref_model: Optional[nn.Module] = None, **trainer_kwargs):
@@ -138,7 +145,8 @@ class PSFTTrainer(Trainer):
             raise ValueError("PSFTTrainer computes its own loss; compute_loss_func must be None")
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         if args.label_smoothing_factor:
-            raise ValueError(f"label_smoothing_factor is not supported by PSFTTrainer; got {args.label_smoothing_factor}")
+            raise ValueError(
+                f"label_smoothing_factor is not supported by PSFTTrainer; got {args.label_smoothing_factor}")
         if args.n_gpu > 1:
             raise ValueError(f"PSFTTrainer does not support DataParallel (n_gpu={args.n_gpu}); launch one process "
                              "per GPU with torchrun / accelerate launch instead")
@@ -249,9 +257,9 @@ class PSFTTrainer(Trainer):
                 for batch in batches:
                     inputs = self._prepare_inputs(batch)
                     head = self._head(model, inputs)
-                    hidden = head.hidden_states(model, inputs)
-                    weight, bias = _like(hidden, *head.weights(model))
-                    old, _ = linear_logprobs(hidden, weight, shifted_targets(inputs), bias=bias, softcap=head.softcap,
+                    hidden, weight, bias, targets = _head_inputs(head.hidden_states(model, inputs),
+                                                                 *head.weights(model), shifted_targets(inputs))
+                    old, _ = linear_logprobs(hidden, weight, targets, bias=bias, softcap=head.softcap,
                                              temperature=head.temperature, backend=self.args.loss_backend)
                     batch[OLD_LOGPROBS_KEY] = old
                     self.old_logprob_passes += 1
@@ -310,10 +318,10 @@ class PSFTTrainer(Trainer):
         kind = V.check_choice("loss_type", loss_type or self.args.loss_type, LOSS_TYPES)
         unwrapped = self.accelerator.unwrap_model(model)
         head = self._head(unwrapped, inputs)
-        targets = shifted_targets(inputs)
         ref = self._reference(unwrapped, inputs, head) if kind == "asft" else None  # before the policy's graph
-        hidden = head.hidden_states(unwrapped, inputs, runner=model)
-        weight, bias = _like(hidden, *head.weights(unwrapped))
+        hidden, weight, bias, targets, old_logprobs = _head_inputs(
+            head.hidden_states(unwrapped, inputs, runner=model), *head.weights(unwrapped), shifted_targets(inputs),
+            old_logprobs)
         a = self.args
         common = dict(bias=bias, entropy_coef=a.entropy_coef, softcap=head.softcap, temperature=head.temperature,
                       num_items_in_batch=num_items_in_batch, backend=a.loss_backend, return_stats=True)
@@ -324,7 +332,7 @@ class PSFTTrainer(Trainer):
         if kind == "psft":
             return linear_psft_loss(hidden, weight, targets, old_logprobs, eps_low=a.eps_low, eps_high=a.eps_high,
                                     **common)
-        ref_hidden, ref_weight, ref_bias = ref
+        ref_hidden, ref_weight, ref_bias = (t if t is None else t.to(weight.device) for t in ref)
         return linear_asft_loss(hidden, weight, targets, ref_hidden, ref_weight, ref_bias=ref_bias, kl_coef=a.kl_coef,
                                 kl_direction=a.kl_direction, **common)
 
@@ -340,8 +348,7 @@ class PSFTTrainer(Trainer):
                     "one transform to both"
                 )
             with torch.no_grad():
-                hidden = ref_head.hidden_states(ref, inputs)
-                return (hidden, *_like(hidden, *ref_head.weights(ref)))
+                return _head_inputs(ref_head.hidden_states(ref, inputs), *ref_head.weights(ref))
         if not is_peft_model(unwrapped):
             raise ValueError("loss_type='asft' needs ref_model= unless the model is a peft model")
         was_training = unwrapped.training
@@ -352,7 +359,7 @@ class PSFTTrainer(Trainer):
                 weight, bias = head.weights(unwrapped)  # inside the context: a modules_to_save head's original
         finally:
             unwrapped.train(was_training)
-        return (hidden, *_like(hidden, weight.detach(), None if bias is None else bias.detach()))
+        return _head_inputs(hidden, weight.detach(), None if bias is None else bias.detach())
 
     # ------------------------------------------------------------------------------------------
     # Evaluation and logging
