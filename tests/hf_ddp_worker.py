@@ -21,7 +21,9 @@ from psft_kernels.integrations.hf import PSFTTrainer  # noqa: E402
 def main(loss_type: str, out_dir: str, grad_accum: int) -> None:
     model = T.llama()
     ref = T.llama(seed=1) if loss_type == "asft" else None
-    distributed = {"ddp_backend": "gloo"} if "WORLD_SIZE" in os.environ else {}
+    # average_tokens_across_devices (the default from transformers 4.50 on): num_items_in_batch
+    # counts the targets of all processes, so the update is the token mean over all of them.
+    distributed = {"ddp_backend": "gloo", "average_tokens_across_devices": True} if "WORLD_SIZE" in os.environ else {}
     args = T.config(Path(out_dir), loss_type=loss_type, max_steps=3, old_policy_refresh_steps=2,
                     gradient_accumulation_steps=grad_accum, **distributed)
     trainer = PSFTTrainer(model=model, args=args, train_dataset=T.examples(), data_collator=T.collate, ref_model=ref)
