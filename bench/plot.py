@@ -19,7 +19,7 @@ from typing import Dict, List
 from . import results
 from .presets import preset_name
 
-ORDER = ("reference", "compile", "chunked", "native", "triton", "liger_grpo", "liger_flce", "cce", "cce_compile",
+ORDER = ("reference", "compile", "chunked", "native", "triton", "triton_filter", "liger_grpo", "liger_flce", "cce", "cce_compile",
          "torch_lce", "torch_lce_ar4")
 LOSS_ORDER = ("psft", "sft", "dft", "asft", "logprobs")
 

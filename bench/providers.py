@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import psft_kernels as pk
 from psft_kernels import backends, reference
 
-from .inputs import EPS_HIGH, EPS_LOW, IGNORE_INDEX, Problem
+from .inputs import EPS_HIGH, EPS_LOW, FILTER_EPS, IGNORE_INDEX, Problem
 
 LOSSES = ("psft", "sft", "dft", "asft")
 MODES = ("fwd", "fwd_bwd", "logprobs")
@@ -89,9 +89,9 @@ def _call(fn, case: Case, prob: Problem, **extra):
     return lambda h, w: f(h, w, y, softcap=cap, **extra)
 
 
-def _ours(backend: str):
+def _ours(backend: str, **options):
     fns = dict(_OURS, logprobs=pk.linear_logprobs)
-    return lambda case, prob: _call(fns, case, prob, backend=backend)
+    return lambda case, prob: _call(fns, case, prob, backend=backend, **options)
 
 
 def _our_check(backend: str):
@@ -172,7 +172,9 @@ PROVIDERS: Dict[str, Provider] = {
     for p in (
         Provider("reference", "ours: eager PyTorch, materialized logits (the oracle)", _ours("reference")),
         Provider("chunked", "ours: pure PyTorch, token chunks", _ours("chunked"), check=_our_check("chunked")),
-        Provider("triton", "ours: Triton kernels", _ours("triton"), check=_our_check("triton")),
+        Provider("triton", "ours: Triton kernels (exact gradients)", _ours("triton"), check=_our_check("triton")),
+        Provider("triton_filter", "ours: Triton kernels, gradient filtering at filter_eps=2^-12 (as CCE)",
+                 _ours("triton", filter_eps=FILTER_EPS), losses=LOSSES, check=_our_check("triton")),
         Provider("native", "ours: native CPU kernel", _ours("native"), check=_our_check("native")),
         Provider("compile", "the eager reference under torch.compile", _compiled),
         Provider("liger_grpo", "Liger LigerFusedLinearGRPOLoss as PSFT (chunked_loss, torch.compile)",
