@@ -138,6 +138,9 @@ def _scaled_precomputed(ctx, grad_loss: Tensor):
             "(retain_graph=True). Its gradients are formed in the forward and handed over once; "
             "use reduction='none' and reduce the per-token losses yourself to backpropagate twice."
         )
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace `del ctx.x` nor `.item()`; a compiled graph owns its buffers anyway.
+        return [None if g is None else g * grad_loss.to(g.dtype) for g in grads]
     del ctx.grads
     skip = grad_loss.device.type == "cpu" and grad_loss.item() == 1.0  # no sync on CPU
     return [g if g is None or skip else g.mul_(grad_loss.to(g.dtype)) for g in grads]
