@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence
 
@@ -15,6 +16,17 @@ LABELS = {"sft": "SFT", "psft": "PSFT (K=8)", "psft_warmup": "PSFT + SFT warm-up
           "asft": "ASFT (ref = base)"}
 COLORS = {"sft": "#1f77b4", "psft": "#d62728", "psft_warmup": "#ff7f0e", "dft": "#2ca02c", "asft": "#9467bd"}
 TIE_POINTS = 0.005  # best-lr rule: accuracies within half a point count as tied; then lower OOD loss wins
+
+
+def logs_to_columns(rows: List[dict]) -> Dict[str, list]:
+    """Per-step log rows -> one list per metric (None where a step lacks it): compact JSON."""
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "step", k))
+    return {k: [r.get(k) for r in rows] for k in keys}
+
+
+def columns_to_logs(cols: Dict[str, list]) -> List[dict]:
+    n = len(cols.get("step", []))
+    return [{k: v[i] for k, v in cols.items() if v[i] is not None} for i in range(n)]
 
 
 def _stats(values: Sequence[float]) -> dict:
@@ -215,7 +227,7 @@ def plots(summary: dict, out_dir: str, steps_per_epoch: int) -> List[str]:
     written = []
 
     def grid(curve_key: str, ylabel: str, fname: str, title: str, scale: float = 1.0, log: bool = False,
-             extra_key: Optional[str] = None):
+             extra_key: Optional[str] = None, base_key: Optional[str] = None):
         fig, axes = plt.subplots(1, len(lrs), figsize=(4.2 * len(lrs), 3.4), sharey=True, squeeze=False)
         for ax, lr in zip(axes[0], lrs):
             for c in (c for c in cells if c["lr"] == lr):
@@ -231,11 +243,17 @@ def plots(summary: dict, out_dir: str, steps_per_epoch: int) -> List[str]:
                             label=LABELS[c["method"]] if style == "-" else None,
                             marker="o" if len(cur["step"]) < 20 else None, ms=3)
                     if style == "-":
-                        ax.fill_between(cur["step"], [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)],
+                        low = [a - b for a, b in zip(m, s)]
+                        if log:  # a band reaching zero would stretch a log axis to nothing
+                            low = [max(lo, a / 3) for lo, a in zip(low, m)]
+                        ax.fill_between(cur["step"], low, [a + b for a, b in zip(m, s)],
                                         color=COLORS[c["method"]], alpha=0.15, lw=0)
             top = max(c["curves"][curve_key]["step"][-1] for c in cells if c["curves"][curve_key]["step"])
             for e in range(steps_per_epoch, top + 1, steps_per_epoch):
                 ax.axvline(e, color="0.85", lw=0.8, zorder=0)
+            if base_key is not None:
+                ax.axhline(summary["base"][base_key] * scale, color="0.3", lw=0.9, ls="--",
+                           label="base model" if lr == lrs[0] else None)
             ax.set_title(f"lr = {lr:g}")
             ax.set_xlabel("optimizer step (grey: epoch ends)")
             if log:
@@ -251,31 +269,36 @@ def plots(summary: dict, out_dir: str, steps_per_epoch: int) -> List[str]:
 
     grid("entropy_logged", "token-mean entropy (nats)", "entropy_vs_step.png",
          "Entropy on the fine-tuning batch at each step (solid), on a fixed set of training answers at evals "
-         "(dotted); mean ± sd over seeds", log=True, extra_key="entropy_train_probe")
+         "(dotted); mean ± sd over seeds", log=True, extra_key="entropy_train_probe",
+         base_key="entropy_train_probe")
     grid("ood_loss", "held-out general-text NLL (nats)", "ood_loss_vs_step.png",
-         "Out-of-domain loss (forgetting = its rise); mean ± sd over seeds")
+         "Out-of-domain loss (forgetting = its rise); mean ± sd over seeds", base_key="ood_loss")
     grid("accuracy", "exact-match accuracy (%)", "accuracy_vs_step.png",
-         "In-domain accuracy on held-out problems (greedy); mean ± sd over seeds", scale=100.0)
+         "In-domain accuracy on held-out problems (greedy); mean ± sd over seeds", scale=100.0,
+         base_key="accuracy")
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    # The frontier on the OOD loss RISE, log scale: forgetting spans 0.05 to 10 nats across the grid.
+    fig, ax = plt.subplots(figsize=(8.4, 4.8))
     markers = {lr: m for lr, m in zip(lrs, "os^Dvp")}
     for c in cells:
-        ax.errorbar(c["ood_loss"]["mean"], 100 * c["accuracy"]["mean"], xerr=c["ood_loss"]["sd"],
+        x = max(c["ood_rise"]["mean"], 1e-3)
+        ax.errorbar(x, 100 * c["accuracy"]["mean"], xerr=min(c["ood_rise"]["sd"], 0.9 * x),
                     yerr=100 * c["accuracy"]["sd"], fmt=markers[c["lr"]], color=COLORS[c["method"]], ms=6, capsize=2,
                     alpha=0.9)
     front = [next(c for c in cells if c["method"] == p["method"] and c["lr"] == p["lr"]) for p in summary["frontier"]]
-    ax.plot([c["ood_loss"]["mean"] for c in front], [100 * c["accuracy"]["mean"] for c in front], "k--", lw=0.8,
-            label="Pareto front")
-    ax.axvline(summary["base"]["ood_loss"], color="0.5", lw=0.8, ls=":", label="base model OOD loss")
+    ax.plot([max(c["ood_rise"]["mean"], 1e-3) for c in front], [100 * c["accuracy"]["mean"] for c in front], "k--",
+            lw=0.8, marker="o", mfc="none", ms=12, label="Pareto front (circled)")
+    ax.axhline(100 * summary["base"]["accuracy"], color="0.3", lw=0.9, ls="--", label="base model accuracy")
+    ax.set_xscale("log")
     for m in METHODS:
         if any(c["method"] == m for c in cells):
             ax.plot([], [], "o", color=COLORS[m], label=LABELS[m])
     for lr in lrs:
         ax.plot([], [], markers[lr], color="0.4", label=f"lr {lr:g}")
-    ax.set_xlabel("final out-of-domain loss (lower = less forgetting)")
+    ax.set_xlabel("final out-of-domain loss minus the base model's (nats, log scale; lower = less forgetting)")
     ax.set_ylabel("final in-domain accuracy (%)")
     ax.set_title("Trade-off after fine-tuning (mean ± sd over seeds)", fontsize=10)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path = os.path.join(out_dir, "frontier.png")
     fig.savefig(path, dpi=110)
@@ -285,15 +308,21 @@ def plots(summary: dict, out_dir: str, steps_per_epoch: int) -> List[str]:
 
 
 def write_json(path: str, obj) -> None:
+    """Indented JSON with floats at 4 significant digits and every list of numbers on one line
+    (the per-step logs would otherwise take a line per number)."""
     def clean(x):
         if isinstance(x, float):
-            return round(x, 6) if math.isfinite(x) else None
+            if not math.isfinite(x):
+                return None
+            return int(x) if x.is_integer() and abs(x) < 2 ** 53 else float(f"{x:.4g}")
         if isinstance(x, dict):
             return {k: clean(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
             return [clean(v) for v in x]
         return x
 
+    text = json.dumps(clean(obj), indent=1)
+    text = re.sub(r"\[\s*((?:-?[\d.eE+-]+|null)(?:,\s*(?:-?[\d.eE+-]+|null))*)\s*\]",
+                  lambda m: "[" + re.sub(r"\s+", "", m.group(1)).replace(",", ", ") + "]", text)
     with open(path, "w") as f:
-        json.dump(clean(obj), f, indent=1)
-        f.write("\n")
+        f.write(text + "\n")

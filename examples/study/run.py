@@ -6,12 +6,13 @@
 
 Options: --out DIR (where results.json, results.md and the PNGs go), --cache-dir DIR (pretrained
 base models; default ~/.cache/psft_kernels_study or $PSFT_STUDY_CACHE), --workers N (parallel
-fine-tuning processes, one torch thread each when N >= cores).
+fine-tuning processes, one torch thread each; pretraining always uses 2 threads).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import platform
@@ -32,6 +33,7 @@ from examples.study.config import default_config, quick_config  # noqa: E402
 from examples.study.finetune import eval_steps, run_one, steps_per_epoch  # noqa: E402
 
 STUDY_DIR = os.path.dirname(os.path.abspath(__file__))
+PRETRAIN_THREADS = 2
 
 
 def _cpu_seconds() -> float:
@@ -53,8 +55,10 @@ def parse_args(argv=None):
     p.add_argument("--out", help="output folder (default: examples/study for the default preset, a new "
                                  "temporary folder for --quick)")
     p.add_argument("--cache-dir", help="where pretrained base models are cached")
+    p.add_argument("--report-only", action="store_true",
+                   help="no training: rebuild results.md, the plots and the summary from OUT/results.json")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                   help="parallel fine-tuning processes (default: min(2, cores))")
+                   help="parallel fine-tuning processes, one torch thread each (default: min(2, cores))")
     return p.parse_args(argv)
 
 
@@ -67,18 +71,22 @@ def _job_order(cfg):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.report_only:
+        return report_only(args.out or STUDY_DIR)
     cfg = quick_config() if args.quick else default_config()
     out = args.out or (tempfile.mkdtemp(prefix="psft-study-quick-") if args.quick else STUDY_DIR)
     os.makedirs(out, exist_ok=True)
     workers = max(1, args.workers)
     cores = os.cpu_count() or 1
-    threads = max(1, cores // workers)
+    # Fixed thread counts: CPU matmuls round differently with a different thread count, and the
+    # pretrained base (hence every number) would then depend on the machine's core count.
+    threads = 1
     t0, cpu0, load0 = time.perf_counter(), _cpu_seconds(), _loadavg()
     print(f"study preset={cfg.name}: {len(cfg.finetune.methods)} methods x {len(cfg.finetune.lrs)} lrs x "
           f"{len(cfg.finetune.seeds)} seeds; {workers} worker(s) x {threads} thread(s); load average {load0}",
           flush=True)
 
-    torch.set_num_threads(min(cores, workers * threads))  # pretraining has the machine to itself
+    torch.set_num_threads(PRETRAIN_THREADS)  # pretraining has the machine to itself
     base_path, base_meta, cached = ensure_base(cfg, args.cache_dir, log=lambda s: print(s, flush=True))
     t_base = time.perf_counter() - t0
     print(f"base model: {base_meta['params']:,} parameters, held-out loss {base_meta['heldout_loss']:.3f} "
@@ -128,11 +136,31 @@ def main(argv=None) -> dict:
     meta["plots"] = [os.path.basename(p) for p in pngs]
     meta["wall_seconds"] = time.perf_counter() - t0
     meta["cpu_seconds"] = _cpu_seconds() - cpu0
-    result = {"meta": meta, "config": cfg.to_dict(), "summary": summary, "runs": runs}
+    stored = [dict(r, logs=report.logs_to_columns(r["logs"])) for r in runs]
+    result = {"meta": meta, "config": cfg.to_dict(), "summary": summary, "runs": stored}
     report.write_json(os.path.join(out, "results.json"), result)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(report.markdown(summary, meta))
     print(f"done in {meta['wall_seconds']:.0f}s wall, {meta['cpu_seconds']:.0f}s CPU: results in {out}", flush=True)
+    return result
+
+
+def report_only(out: str) -> dict:
+    """Rebuild the summary, results.md and the plots from the runs stored in ``out/results.json``
+    (after a change to the report code; no training)."""
+    with open(os.path.join(out, "results.json")) as f:
+        result = json.load(f)
+    runs = [dict(r, logs=report.columns_to_logs(r["logs"])) for r in result["runs"]]
+    old = result["summary"]
+    summary = report.aggregate(runs, dict(old["base_model"], curve=old.get("pretrain_curve", [])))
+    meta = result["meta"]
+    pngs = report.plots(summary, out, meta["steps_per_epoch"])
+    meta["plots"] = [os.path.basename(p) for p in pngs]
+    result["summary"] = summary
+    report.write_json(os.path.join(out, "results.json"), result)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(report.markdown(summary, meta))
+    print(f"rewrote the report from {len(runs)} stored runs in {out}")
     return result
 
 
