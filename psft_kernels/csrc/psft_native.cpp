@@ -6,7 +6,8 @@
 // logit gradient. Rows are split over ATen's intra-op threads.
 //
 //   stats(z, y, zq, ...)    softcap / temperature applied in place; returns per-row
-//                           [lse, logp, entropy, rowmax, ref_lse, kl]           (METHOD.md)
+//                           [lse, logp, entropy, rowmax, ref_lse, kl]           (METHOD.md);
+//                           with keep_exp, z <- exp(z - rowmax) - S onehot(y)  (S = sum of exps)
 //   dlogits(z, y, zq, ...)  z <- dl/dx = (g (onehot - p) + e dH/dz + k dKL/dz) dz/dx, in place
 //   transform(x, ...)       x <- softcap(x) / T, in place (the backward recomputes raw logits)
 //   compact(x, keep)        moves the rows `keep` (ascending) to the front of x, in place
@@ -303,6 +304,9 @@ void stats_rows(T* z, int64_t ldz, T* zq, int64_t ldq, const int64_t* y, int64_t
     }
     const T S = hsum<T>(s), log_s = std::log(S);
     const T lse = m + log_s;
+    // E'[y] = e_y - S makes the plain gradient a row scaling: g (onehot - p) / T = a E' with
+    // a = -g / (S T), so the caller pushes it through the GEMMs without forming it.
+    if (KEEP_EXP) zr[target] -= S;
     out[kLse * n + i] = lse;
     out[kLogp * n + i] = z_target - lse;
     out[kEntropy * n + i] = log_s - hsum<T>(sd) / S;
@@ -441,27 +445,6 @@ void dlogits_rows(T* z, int64_t ldz, const T* zq, int64_t ldq, const int64_t* y,
   }
 }
 
-// The rows hold e = exp(z - rowmax) (stats with keep_exp): no softcap, no entropy, no KL term,
-// so dl/dx = g (onehot - p) / T with p = e exp(rowmax - lse): one multiply per element.
-template <typename T>
-void dlogits_from_exp_rows(T* z, int64_t ldz, const int64_t* y, int64_t V, const Options& o, const T* st,
-                           const T* gs, int64_t n, int64_t begin, int64_t end) {
-  constexpr int W = kLanes<T>;
-  const T inv_temp = T(o.inv_temp);
-  const int64_t full = V - V % W;
-  const int tail = static_cast<int>(V - full);
-  for (int64_t i = begin; i < end; ++i) {
-    T* zr = z + i * ldz;
-    const int64_t target = y[i];
-    TORCH_CHECK(target >= 0 && target < V, "psft_native.dlogits: target ", target, " out of range [0, ", V, ")");
-    const T g = gs ? gs[i] : T(0);
-    const T scale = -g * std::exp(st[kRowMax * n + i] - st[kLse * n + i]) * inv_temp;
-    for (int64_t v = 0; v < full; v += W) store(zr + v, load(zr + v) * scale);
-    if (tail) store_part(zr + full, load_part(zr + full, tail, T(0)) * scale, tail);
-    zr[target] += g * inv_temp;
-  }
-}
-
 template <typename T, bool CAP, int KL, bool ENT>
 void dlogits_typed(at::Tensor& z, const std::optional<at::Tensor>& zq, const at::Tensor& y, const Options& o,
                    const at::Tensor& st, const RowCoefs& c) {
@@ -503,8 +486,7 @@ const void* coef_ptr(const std::optional<at::Tensor>& c, const at::Tensor& z, co
 
 void dlogits(at::Tensor z, const at::Tensor& targets, const std::optional<at::Tensor>& zq, const at::Tensor& stats,
              const std::optional<at::Tensor>& g, const std::optional<at::Tensor>& e,
-             const std::optional<at::Tensor>& k, double inv_temperature, double softcap, int64_t kl_mode,
-             bool from_exp) {
+             const std::optional<at::Tensor>& k, double inv_temperature, double softcap, int64_t kl_mode) {
   check_rows(z, targets, zq);
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == kNumStats && stats.size(1) == z.size(0) && stats.is_contiguous() &&
                   stats.scalar_type() == z.scalar_type(),
@@ -513,22 +495,6 @@ void dlogits(at::Tensor z, const at::Tensor& targets, const std::optional<at::Te
   TORCH_CHECK(c.k == nullptr || zq.has_value(), "psft_native.dlogits: a KL coefficient needs zq");
   const Options o{inv_temperature, softcap, kl_mode};
   if (z.size(0) == 0) return;
-  if (from_exp) {
-    TORCH_CHECK(softcap == 0.0 && c.e == nullptr && c.k == nullptr,
-                "psft_native.dlogits: from_exp is for rows without softcap, entropy or KL terms");
-    dispatch(z.scalar_type(), [&](auto tag) {
-    using scalar_t = decltype(tag);
-      scalar_t* zp = z.data_ptr<scalar_t>();
-      const int64_t n = z.size(0), V = z.size(1), ldz = z.stride(0);
-      const int64_t* yp = targets.data_ptr<int64_t>();
-      const scalar_t* sp = stats.data_ptr<scalar_t>();
-      const scalar_t* gp = static_cast<const scalar_t*>(c.g);
-      at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
-        dlogits_from_exp_rows<scalar_t>(zp, ldz, yp, V, o, sp, gp, n, b, e);
-      });
-    });
-    return;
-  }
   dispatch(z.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     softcap != 0.0 ? dlogits_kl<scalar_t, true>(z, zq, targets, o, stats, c)
@@ -597,7 +563,7 @@ TORCH_LIBRARY(psft_native, m) {
       "bool keep_exp) -> Tensor");
   m.def(
       "dlogits(Tensor(a!) z, Tensor targets, Tensor? zq, Tensor stats, Tensor? g, Tensor? e, Tensor? k, "
-      "float inv_temperature, float softcap, int kl_mode, bool from_exp) -> ()");
+      "float inv_temperature, float softcap, int kl_mode) -> ()");
   m.def("transform_(Tensor(a!) x, float inv_temperature, float softcap) -> ()");
   m.def("compact(Tensor(a!) x, Tensor keep) -> ()");
 }
