@@ -235,6 +235,11 @@ class NativeBackend(ChunkedBackend):
                 ops.compact(z, keep)
                 z, rows_c = z[:n_active], _arange_rows(rows_c, keep.device)[keep]
                 scale = None if scale is None else scale[keep]
+        if scale is not None and inputs.weight.dtype != cd:
+            # Half inputs cast dx for their GEMM: E'[y] = -S (1 - p_y) could overflow fp16 (S grows
+            # with V), so form dx = a E' first, as the chunked backend does.
+            z.mul_(scale[:, None])
+            scale = None
         acc.add(inputs, rows_c, z, scale)
 
 
