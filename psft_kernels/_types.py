@@ -27,6 +27,12 @@ class HeadSpec:
     kl_direction: Optional[str] = None
     # Rows per chunk for the chunked / native backends; None picks one from V.
     chunk_size: Optional[int] = None
+    # Gradient filtering (Triton backend): skip gradient tiles whose probabilities are all below
+    # this; None = exact. Other backends always compute exact gradients and ignore it.
+    filter_eps: Optional[float] = None
+    # Bitwise-reproducible gradients: no float atomics (the Triton backend's split-K is turned off).
+    # The other backends are deterministic anyway.
+    deterministic: bool = False
 
 
 @dataclass

@@ -69,6 +69,22 @@ def check_chunk_size(value) -> Optional[int]:
     return int(value)
 
 
+def check_filter_eps(value) -> Optional[float]:
+    """``filter_eps``: None (exact gradients) or a threshold in (0, 1)."""
+    if value is None:
+        return None
+    v = _as_real("filter_eps", value)
+    if not 0.0 < v < 1.0:
+        raise ValueError(f"filter_eps must be None or in (0, 1) (e.g. 2**-12); got {v}")
+    return v
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
+    return value
+
+
 def check_num_items(value):
     """``num_items_in_batch``: None, a positive number, or a tensor (used as is, clamped >= 1)."""
     if value is None or isinstance(value, Tensor):
@@ -110,10 +126,12 @@ def check_head(
     ref_weight=None,
     ref_bias=None,
     need_ref: bool = False,
+    check_range: bool = True,
 ) -> Tuple[HeadInputs, torch.Size]:
     """Validate the tensors of one head and flatten them.
 
     Returns the flattened :class:`HeadInputs` and the batch shape (``targets.shape``).
+    ``check_range=False`` leaves the target-range check (a host sync) to the caller.
     """
     hidden = _check_float_tensor("hidden", hidden)
     weight = _check_float_tensor("weight", weight)
@@ -183,7 +201,8 @@ def check_head(
 
     batch_shape = targets.shape
     flat_targets = targets.reshape(-1).long()
-    check_targets_range(flat_targets, V, int(ignore_index))
+    if check_range:
+        check_targets_range(flat_targets, V, int(ignore_index))
     inputs = HeadInputs(
         hidden=hidden.reshape(-1, D),
         weight=weight,

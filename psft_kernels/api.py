@@ -2,6 +2,13 @@
 
 Each function is the fused equivalent of materializing ``logits = hidden @ weight.T + bias`` and
 applying the loss; :mod:`psft_kernels.reference` is that equivalent, written out.
+
+Two options concern only how gradients are computed, and only the Triton backend acts on them
+(the other backends compute exact gradients deterministically and ignore them; docs/triton.md):
+
+* ``filter_eps``: None (default, exact) or a threshold such as ``2**-12``: skip gradient tiles
+  in which every probability is below it (Cut Cross-Entropy's gradient filtering).
+* ``deterministic``: True forbids float atomics (bitwise-reproducible gradients).
 """
 
 from __future__ import annotations
@@ -18,14 +25,31 @@ from .autograd import Plan, run_logprobs, run_loss
 from .objectives import Objective, build_stats
 
 
-def _spec(temperature, softcap, ignore_index, chunk_size, kl_direction=None) -> HeadSpec:
+def _spec(temperature, softcap, ignore_index, chunk_size, kl_direction=None, filter_eps=None,
+          deterministic=False) -> HeadSpec:
     return HeadSpec(
         temperature=V.check_positive("temperature", temperature),
         softcap=V.check_positive("softcap", softcap, allow_none=True),
         ignore_index=ignore_index,
         kl_direction=kl_direction,
         chunk_size=V.check_chunk_size(chunk_size),
+        filter_eps=V.check_filter_eps(filter_eps),
+        deterministic=V.check_bool("deterministic", deterministic),
     )
+
+
+def _resolve(backend, hidden, weight, targets, bias, ignore_index, **ref):
+    """Validate the head, pick the backend, then check target ranges unless the backend does.
+
+    The range check reads a flag back to the host; a backend whose kernels handle bad targets
+    without reading out of bounds (Triton on CUDA) skips it, keeping the forward sync-free.
+    """
+    inputs, batch_shape = V.check_head(hidden, weight, targets, bias, ignore_index, check_range=False, **ref)
+    be = backends.resolve(backend, inputs.hidden.device)
+    skips = getattr(be, "skips_host_target_check", None)
+    if skips is None or not skips(inputs.hidden.device):
+        V.check_targets_range(inputs.targets, inputs.vocab_size, int(ignore_index))
+    return be, inputs, batch_shape
 
 
 def linear_logprobs(
@@ -39,6 +63,8 @@ def linear_logprobs(
     ignore_index: int = -100,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
+    filter_eps: Optional[float] = None,
+    deterministic: bool = False,
 ):
     """Per-token log-probability of the target and full-vocabulary entropy, both differentiable.
 
@@ -49,21 +75,24 @@ def linear_logprobs(
     (the pi_old pass of PSFT): it saves nothing.
     """
     V.check_choice("backend", backend, V.BACKENDS)
+    V.check_filter_eps(filter_eps)
+    V.check_bool("deterministic", deterministic)
     if backend == "reference":
         return reference.linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                                          softcap=softcap, ignore_index=ignore_index)
-    spec = _spec(temperature, softcap, ignore_index, chunk_size)
-    inputs, batch_shape = V.check_head(hidden, weight, targets, bias, ignore_index)
-    plan = Plan(backends.resolve(backend, inputs.hidden.device), spec, inputs)
+    spec = _spec(temperature, softcap, ignore_index, chunk_size, filter_eps=filter_eps, deterministic=deterministic)
+    be, inputs, batch_shape = _resolve(backend, hidden, weight, targets, bias, ignore_index)
+    plan = Plan(be, spec, inputs)
     logp, entropy = run_logprobs(plan)
     return logp.reshape(batch_shape), entropy.reshape(batch_shape)
 
 
 def _loss(kind, hidden, weight, targets, *, bias, entropy_coef, temperature, softcap, ignore_index, reduction,
-          num_items_in_batch, backend, return_stats, chunk_size, ref=None, kl_direction=None, **objective):
-    inputs, batch_shape = V.check_head(hidden, weight, targets, bias, ignore_index, need_ref=ref is not None,
-                                       **(ref or {}))
-    spec = _spec(temperature, softcap, ignore_index, chunk_size, kl_direction)
+          num_items_in_batch, backend, return_stats, chunk_size, filter_eps, deterministic, ref=None,
+          kl_direction=None, **objective):
+    be, inputs, batch_shape = _resolve(backend, hidden, weight, targets, bias, ignore_index,
+                                       need_ref=ref is not None, **(ref or {}))
+    spec = _spec(temperature, softcap, ignore_index, chunk_size, kl_direction, filter_eps, deterministic)
     device = inputs.hidden.device
     old = V.check_per_token("old_logprobs", objective.pop("old_logprobs", None), batch_shape, device, broadcast=False)
     adv = V.check_per_token("advantages", objective.pop("advantages", None), batch_shape, device, broadcast=True)
@@ -74,7 +103,7 @@ def _loss(kind, hidden, weight, targets, *, bias, entropy_coef, temperature, sof
         adv = adv.to(dtype).expand(batch_shape).reshape(-1)
     obj = Objective(kind, entropy_coef=entropy_coef, old_logprobs=old, advantages=1.0 if adv is None else adv,
                     **objective)
-    plan = Plan(backends.resolve(backend, device), spec, inputs, obj, reduction, num_items_in_batch)
+    plan = Plan(be, spec, inputs, obj, reduction, num_items_in_batch)
     loss, stats, terms = run_loss(plan)
     if reduction == "none":
         loss = loss.reshape(batch_shape)
@@ -84,9 +113,11 @@ def _loss(kind, hidden, weight, targets, *, bias, entropy_coef, temperature, sof
     return loss, build_stats(kind, batch_shape, valid, stats, terms, old)
 
 
-def _common(reduction, num_items_in_batch, backend, entropy_coef):
+def _common(reduction, num_items_in_batch, backend, entropy_coef, filter_eps=None, deterministic=False):
     V.check_choice("reduction", reduction, V.REDUCTIONS)
     V.check_choice("backend", backend, V.BACKENDS)
+    V.check_filter_eps(filter_eps)
+    V.check_bool("deterministic", deterministic)
     return V.check_num_items(num_items_in_batch), V.check_real("entropy_coef", entropy_coef)
 
 
@@ -105,6 +136,8 @@ def linear_sft_loss(
     backend: str = "auto",
     return_stats: bool = False,
     chunk_size: Optional[int] = None,
+    filter_eps: Optional[float] = None,
+    deterministic: bool = False,
 ):
     """Cross-entropy of the lm-head, fused.
 
@@ -112,13 +145,15 @@ def linear_sft_loss(
     targets.flatten(), ignore_index=ignore_index, reduction=reduction)`` (plus softcap,
     temperature, ``- entropy_coef * H``; ``num_items_in_batch`` divides the sum instead).
     """
-    num_items_in_batch, entropy_coef = _common(reduction, num_items_in_batch, backend, entropy_coef)
+    num_items_in_batch, entropy_coef = _common(reduction, num_items_in_batch, backend, entropy_coef, filter_eps,
+                                               deterministic)
     kw = dict(bias=bias, entropy_coef=entropy_coef, temperature=temperature, softcap=softcap,
               ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
               return_stats=return_stats)
     if backend == "reference":
         return reference.linear_sft_loss(hidden, weight, targets, **kw)
-    return _loss("sft", hidden, weight, targets, backend=backend, chunk_size=chunk_size, **kw)
+    return _loss("sft", hidden, weight, targets, backend=backend, chunk_size=chunk_size, filter_eps=filter_eps,
+                 deterministic=deterministic, **kw)
 
 
 def linear_dft_loss(
@@ -136,19 +171,23 @@ def linear_dft_loss(
     backend: str = "auto",
     return_stats: bool = False,
     chunk_size: Optional[int] = None,
+    filter_eps: Optional[float] = None,
+    deterministic: bool = False,
 ):
     """Dynamic Fine-Tuning: per token ``-p.detach() * logp`` with ``p = exp(logp)``.
 
     PyTorch equivalent: ``ce = F.cross_entropy(logits, targets, reduction="none")``;
     ``(ce * exp(-ce).detach())`` reduced over non-ignored tokens.
     """
-    num_items_in_batch, entropy_coef = _common(reduction, num_items_in_batch, backend, entropy_coef)
+    num_items_in_batch, entropy_coef = _common(reduction, num_items_in_batch, backend, entropy_coef, filter_eps,
+                                               deterministic)
     kw = dict(bias=bias, entropy_coef=entropy_coef, temperature=temperature, softcap=softcap,
               ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
               return_stats=return_stats)
     if backend == "reference":
         return reference.linear_dft_loss(hidden, weight, targets, **kw)
-    return _loss("dft", hidden, weight, targets, backend=backend, chunk_size=chunk_size, **kw)
+    return _loss("dft", hidden, weight, targets, backend=backend, chunk_size=chunk_size, filter_eps=filter_eps,
+                 deterministic=deterministic, **kw)
 
 
 def linear_psft_loss(
@@ -170,6 +209,8 @@ def linear_psft_loss(
     backend: str = "auto",
     return_stats: bool = False,
     chunk_size: Optional[int] = None,
+    filter_eps: Optional[float] = None,
+    deterministic: bool = False,
 ):
     """Proximal SFT: the PPO clipped surrogate with ``r = exp(logp - old_logprobs)``, advantage A.
 
@@ -179,7 +220,8 @@ def linear_psft_loss(
     With ``return_stats=True`` the stats hold ``logprobs`` (the next pi_old), ``entropy``,
     ``clip_fraction`` (``_high`` / ``_low``), ``ratio_mean``, ``approx_kl``, ``num_tokens``, ``nll``.
     """
-    num_items_in_batch, entropy_coef = _common(reduction, num_items_in_batch, backend, entropy_coef)
+    num_items_in_batch, entropy_coef = _common(reduction, num_items_in_batch, backend, entropy_coef, filter_eps,
+                                               deterministic)
     eps_low = V.check_nonnegative("eps_low", eps_low)
     eps_high = V.check_nonnegative("eps_high", eps_high)
     kw = dict(bias=bias, entropy_coef=entropy_coef, temperature=temperature, softcap=softcap,
@@ -187,8 +229,8 @@ def linear_psft_loss(
               return_stats=return_stats, advantages=advantages, eps_low=eps_low, eps_high=eps_high)
     if backend == "reference":
         return reference.linear_psft_loss(hidden, weight, targets, old_logprobs, **kw)
-    return _loss("psft", hidden, weight, targets, backend=backend, chunk_size=chunk_size,
-                 old_logprobs=old_logprobs, **kw)
+    return _loss("psft", hidden, weight, targets, backend=backend, chunk_size=chunk_size, filter_eps=filter_eps,
+                 deterministic=deterministic, old_logprobs=old_logprobs, **kw)
 
 
 def linear_asft_loss(
@@ -211,6 +253,8 @@ def linear_asft_loss(
     backend: str = "auto",
     return_stats: bool = False,
     chunk_size: Optional[int] = None,
+    filter_eps: Optional[float] = None,
+    deterministic: bool = False,
 ):
     """Anchored SFT: DFT plus ``kl_coef * KL`` to a frozen reference model, over the full vocabulary.
 
@@ -218,7 +262,8 @@ def linear_asft_loss(
     reduction="none").sum(-1)`` for ``kl_direction="forward"`` (KL(q||p), the official code);
     ``"reverse"`` is KL(p||q) (the paper's text). No gradient flows into the reference tensors.
     """
-    num_items_in_batch, entropy_coef = _common(reduction, num_items_in_batch, backend, entropy_coef)
+    num_items_in_batch, entropy_coef = _common(reduction, num_items_in_batch, backend, entropy_coef, filter_eps,
+                                               deterministic)
     V.check_choice("kl_direction", kl_direction, V.KL_DIRECTIONS)
     kl_coef = V.check_real("kl_coef", kl_coef)
     kw = dict(bias=bias, entropy_coef=entropy_coef, temperature=temperature, softcap=softcap,
@@ -226,5 +271,6 @@ def linear_asft_loss(
               return_stats=return_stats, kl_coef=kl_coef, kl_direction=kl_direction)
     if backend == "reference":
         return reference.linear_asft_loss(hidden, weight, targets, ref_hidden, ref_weight, ref_bias=ref_bias, **kw)
-    return _loss("asft", hidden, weight, targets, backend=backend, chunk_size=chunk_size,
-                 ref=dict(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias), **kw)
+    return _loss("asft", hidden, weight, targets, backend=backend, chunk_size=chunk_size, filter_eps=filter_eps,
+                 deterministic=deterministic, ref=dict(ref_hidden=ref_hidden, ref_weight=ref_weight,
+                                                       ref_bias=ref_bias), **kw)

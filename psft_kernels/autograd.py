@@ -94,7 +94,8 @@ class LinearLossFunction(torch.autograd.Function):
         if ctx.precomputed:
             scale = token_weight(plan.reduction, num_valid, plan.num_items_in_batch)
             stats, terms, grads = plan.backend.forward(inputs, plan.spec, plan.objective, scale, needs)
-            ctx.save_for_backward(grads.hidden, grads.weight, grads.bias)
+            # Held as attributes, not saved tensors: backward hands them over without a copy.
+            ctx.grads = [grads.hidden, grads.weight, grads.bias]
         else:
             stats, terms, _ = plan.backend.forward(inputs, plan.spec, plan.objective)
             ctx.num_valid = num_valid
@@ -109,8 +110,7 @@ class LinearLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: Tensor, *_unused):
         if ctx.precomputed:
-            grads = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
-            return (*grads, None)
+            return (*_scaled_precomputed(ctx, grad_loss), None)
         hidden, weight, bias = ctx.saved_tensors
         plan = ctx.plan
         if plan.reduction == "none":
@@ -123,6 +123,27 @@ class LinearLossFunction(torch.autograd.Function):
         grads = plan.backend.backward(plan.with_tensors(hidden, weight, bias), plan.spec, _load_stats(ctx), coefs,
                                       GradNeeds(*ctx.needs_input_grad[:3]))
         return grads.hidden, grads.weight, grads.bias, None
+
+
+def _scaled_precomputed(ctx, grad_loss: Tensor):
+    """The gradients formed in the forward, times the scalar ``grad_loss``, released from ctx.
+
+    Dropping ctx's reference lets autograd adopt the tensors as ``.grad`` without cloning them
+    (a V x D copy saved). The price: this graph can be backpropagated once only.
+    """
+    grads = getattr(ctx, "grads", None)
+    if grads is None:
+        raise RuntimeError(
+            "psft_kernels: backward through a scalar-reduced fused loss ran a second time "
+            "(retain_graph=True). Its gradients are formed in the forward and handed over once; "
+            "use reduction='none' and reduce the per-token losses yourself to backpropagate twice."
+        )
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace `del ctx.x` nor `.item()`; a compiled graph owns its buffers anyway.
+        return [None if g is None else g * grad_loss.to(g.dtype) for g in grads]
+    del ctx.grads
+    skip = grad_loss.device.type == "cpu" and grad_loss.item() == 1.0  # no sync on CPU
+    return [g if g is None or skip else g.mul_(grad_loss.to(g.dtype)) for g in grads]
 
 
 _TOKEN_OUTPUTS = ("logp", "entropy", "kl", "ratio", "blocked_high", "blocked_low")

@@ -12,7 +12,7 @@ from . import api
 
 class _LinearLoss(nn.Module):
     def __init__(self, *, entropy_coef=0.0, temperature=1.0, softcap=None, ignore_index=-100, reduction="mean",
-                 backend="auto", return_stats=False, chunk_size=None):
+                 backend="auto", return_stats=False, chunk_size=None, filter_eps=None, deterministic=False):
         super().__init__()
         # Fail at construction, not at the first training step.
         V.check_real("entropy_coef", entropy_coef)
@@ -21,9 +21,12 @@ class _LinearLoss(nn.Module):
         V.check_choice("reduction", reduction, V.REDUCTIONS)
         V.check_choice("backend", backend, V.BACKENDS)
         V.check_chunk_size(chunk_size)
+        V.check_filter_eps(filter_eps)
+        V.check_bool("deterministic", deterministic)
         self.options = dict(entropy_coef=entropy_coef, temperature=temperature, softcap=softcap,
                             ignore_index=ignore_index, reduction=reduction, backend=backend,
-                            return_stats=return_stats, chunk_size=chunk_size)
+                            return_stats=return_stats, chunk_size=chunk_size, filter_eps=filter_eps,
+                            deterministic=deterministic)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -144,7 +144,7 @@ def run(loss: str, backend: str, problem: Problem, *, grad_seed: int = 1, grads=
             out.backward()
         else:
             g = torch.Generator().manual_seed(grad_seed)
-            weights = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+            weights = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device, out.dtype)
             (out * weights).sum().backward()
     grads_out = {k: (v.grad if v.grad is not None else torch.zeros_like(v)) for k, v in leaves.items()}
     return Result(out.detach(), grads_out, {k: v.detach() for k, v in stats.items()})

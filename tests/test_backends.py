@@ -186,3 +186,35 @@ def test_module_wrappers(backend):
     for module, args, kw, fn in cases:
         torch.testing.assert_close(module(*args, **kw), fn(*args, backend="reference", **kw))
         assert backend in repr(module)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_scalar_grad_output_is_honoured(backend, reduction):
+    """Gradients formed in the forward are scaled by whatever grad_output arrives."""
+    problem = make_problem(bias=True)
+    grads = {}
+    for be in ("reference", backend):
+        h = problem.hidden.clone().requires_grad_(True)
+        w = problem.weight.clone().requires_grad_(True)
+        loss = pk.linear_psft_loss(h, w, problem.targets, problem.old_logprobs, reduction=reduction, backend=be)
+        (2.5 * loss + loss.detach() * 0 + 0.5 * loss).backward()  # grad_output = 3
+        grads[be] = (h.grad, w.grad)
+    for a, e in zip(grads[backend], grads["reference"]):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+def test_second_backward_is_a_clear_error():
+    problem = make_problem()
+    h = problem.hidden.clone().requires_grad_(True)
+    loss = pk.linear_sft_loss(h, problem.weight, problem.targets, backend="chunked")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="reduction='none'"):
+        loss.backward()
+    # reduction="none" keeps what it needs: backpropagating twice accumulates twice.
+    h2 = problem.hidden.clone().requires_grad_(True)
+    per_token = pk.linear_sft_loss(h2, problem.weight, problem.targets, reduction="none", backend="chunked")
+    per_token.sum().backward(retain_graph=True)
+    once = h2.grad.clone()
+    per_token.sum().backward()
+    torch.testing.assert_close(h2.grad, 2 * once)

@@ -1,0 +1,233 @@
+"""A causal LM's lm-head, read through public APIs only: last hidden states, weight, bias, softcap.
+
+The fused losses need what goes *into* the lm-head (the decoder's last hidden states) and the
+head's parameters, never the logits. They are found without patching any model class:
+
+* hidden states: a forward hook on ``model.get_decoder()`` records the decoder's output while the
+  model runs its own ``forward`` with ``logits_to_keep=1``, so that the model projects one
+  position per row onto the vocabulary instead of all of them. Going through the model's own
+  ``forward`` (not calling the decoder directly) keeps whatever the model does before its
+  decoder, and keeps DDP's gradient synchronisation, which is armed only by the DDP wrapper's
+  ``forward``.
+* the head: ``model.get_output_embeddings()``: its ``weight`` (the input embedding's parameter
+  itself when the two are tied, so the gradient reaches the shared tensor) and its ``bias``.
+* the logit transform: ``final_logit_softcapping`` from the (text) config (Gemma 2 and later).
+  Anything else a model does to its logits is caught by :meth:`LMHead.verify`, which compares
+  the reconstruction with the model's own logits once, on a few tokens: a constant factor
+  (Cohere's ``logit_scale``, Granite's ``logits_scaling``, ...) is measured and applied as a
+  temperature; any other difference is an error, never a silently different loss.
+
+Only ``torch`` is imported here; the model is duck-typed (a ``transformers`` model, possibly
+inside a ``peft`` model).
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Mapping, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IGNORE_INDEX = -100  # Hugging Face's label mask
+# Keys of a batch that the model's forward must not see: the losses are computed here, and keys
+# with this prefix are data attached by the trainer (pi_old log-probs).
+PRIVATE_PREFIX = "psft_"
+_LOSS_KEYS = ("labels", "shift_labels", "num_items_in_batch")
+_PROBE_TOKENS = 32  # tokens of one row used to check the head against the model's own logits
+
+
+def shifted_targets(inputs: Mapping[str, Tensor]) -> Tensor:  # (B, T) int64
+    """Targets aligned with the hidden states: ``labels[:, t + 1]`` at position t, -100 at the end.
+
+    This is Hugging Face's causal-LM label shift (``ForCausalLMLoss``) applied to the labels
+    rather than to the hidden states, so the ``(B, T, D)`` hidden states are used without a copy.
+    A collator's ``shift_labels`` (padding-free batches) are already aligned and used as given.
+    """
+    shift = inputs.get("shift_labels")
+    if shift is not None:
+        return shift
+    labels = inputs.get("labels")
+    if labels is None:
+        raise ValueError(
+            "every batch needs 'labels' (or 'shift_labels'): token ids to learn, -100 where masked; "
+            f"got keys {sorted(inputs)}"
+        )
+    return F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def forward_inputs(inputs: Mapping[str, Tensor]) -> dict:
+    """The batch without labels and private keys: what the model's forward is given."""
+    return {k: v for k, v in inputs.items() if k not in _LOSS_KEYS and not k.startswith(PRIVATE_PREFIX)}
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft model (the model itself otherwise)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    return callable(getattr(model, "disable_adapter", None)) and hasattr(model, "peft_config")
+
+
+def _text_config(config):
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def _softcap(config) -> Optional[float]:
+    for cfg in (config, _text_config(config)):
+        cap = getattr(cfg, "final_logit_softcapping", None)
+        if cap:
+            return float(cap)
+    return None
+
+
+class LMHead:
+    """How to get ``(hidden, weight, bias)`` and the logit transform from one causal LM."""
+
+    def __init__(self, model: nn.Module, what: str = "model"):
+        self.what = what
+        base = base_model(model)
+        for method in ("get_decoder", "get_output_embeddings"):
+            if not callable(getattr(base, method, None)):
+                raise TypeError(
+                    f"{what} must be a causal LM with get_decoder() and get_output_embeddings() "
+                    f"(a transformers *ForCausalLM model); {type(base).__name__} has no {method}()"
+                )
+        config = getattr(base, "config", None)
+        if getattr(config, "is_encoder_decoder", False):
+            raise TypeError(f"{what} is an encoder-decoder model; only decoder-only causal LMs are supported")
+        if is_peft_model(model):
+            peft_config = model.peft_config.get(getattr(model, "active_adapter", None)) if isinstance(
+                getattr(model, "peft_config", None), dict) else None
+            if getattr(peft_config, "is_prompt_learning", False):
+                raise TypeError(
+                    f"{what} uses a prompt-learning peft adapter ({type(peft_config).__name__}): it adds virtual "
+                    "tokens the labels do not cover; use an adapter that changes weights (LoRA and the like)"
+                )
+        self.weights(model)  # fail now, not at the first step, on a head we cannot use
+        self.softcap = _softcap(config)
+        self.temperature = 1.0  # becomes 1/c when verify() finds the model multiplying its logits by c
+        self.verified = False
+        params = inspect.signature(base.forward).parameters
+        self._keep_kwarg = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+        if self._keep_kwarg is None:
+            warnings.warn(
+                f"{type(base).__name__}.forward takes no logits_to_keep: it will compute (and throw away) the full "
+                "logits on every step, so the memory the fused loss saves is spent anyway",
+                stacklevel=3,
+            )
+
+    def weights(self, model: nn.Module) -> Tuple[Tensor, Optional[Tensor]]:
+        """The output embedding's ``(weight (V, D), bias (V,) or None)`` as the model uses them now.
+
+        Called again on every use: inside peft's ``disable_adapter()`` a ``modules_to_save`` head
+        resolves to the original module's parameters.
+        """
+        head = base_model(model).get_output_embeddings()
+        if head is None:
+            raise TypeError(f"{self.what}.get_output_embeddings() returned None: the model has no lm-head")
+        if hasattr(head, "base_layer") and callable(getattr(head, "get_base_layer", None)):
+            raise TypeError(
+                f"{self.what}'s lm-head is wrapped by a peft tuner layer ({type(head).__name__}): the fused loss "
+                "needs the plain head weight; leave the lm-head out of target_modules (modules_to_save is fine)"
+            )
+        weight, bias = getattr(head, "weight", None), getattr(head, "bias", None)
+        if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+            got = type(weight).__name__ if not isinstance(weight, Tensor) else f"{weight.dtype} {tuple(weight.shape)}"
+            raise TypeError(
+                f"{self.what}'s output embedding ({type(head).__name__}) must have a floating (V, D) weight, as a "
+                f"plain or tied nn.Linear has (a quantized lm-head is not supported); got {got}"
+            )
+        return weight, bias if isinstance(bias, Tensor) else None
+
+    def hidden_states(self, model: nn.Module, inputs: Mapping[str, Tensor], *,
+                      runner: Optional[nn.Module] = None, keep_logits: Optional[int] = 1) -> Tensor:  # (B, T, D)
+        """The decoder's last hidden states for ``inputs``, from the model's own forward.
+
+        ``model`` is the unwrapped model (its decoder gets the hook); ``runner`` is what is called,
+        e.g. the DDP wrapper around it. ``keep_logits=None`` lets the model compute all its logits
+        (the result is returned as the second element of a pair then).
+        """
+        decoder = base_model(model).get_decoder()
+        seen = []
+
+        def record(_module, _args, output):
+            h = getattr(output, "last_hidden_state", None)
+            seen.append(output[0] if h is None else h)
+
+        kwargs = forward_inputs(inputs)
+        kwargs["use_cache"] = False
+        if keep_logits is not None and self._keep_kwarg is not None:
+            kwargs[self._keep_kwarg] = keep_logits
+        handle = decoder.register_forward_hook(record)
+        try:
+            output = (runner if runner is not None else model)(**kwargs)
+        finally:
+            handle.remove()
+        if len(seen) != 1:
+            raise RuntimeError(
+                f"{self.what}'s decoder ({type(decoder).__name__}) ran {len(seen)} times in one forward; "
+                "cannot tell which output feeds the lm-head"
+            )
+        if keep_logits is None:
+            return seen[0], output
+        return seen[0]
+
+    def logits_from(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """The materialized logits this head stands for, in float64 (for checks only)."""
+        x = hidden.double() @ weight.double().T
+        if bias is not None:
+            x = x + bias.double()
+        if self.softcap is not None:
+            x = self.softcap * torch.tanh(x / self.softcap)
+        return x / self.temperature
+
+    @torch.no_grad()
+    def verify(self, model: nn.Module, input_ids: Tensor, *, low_precision: bool) -> None:
+        """Check, once, that the head reproduces the model's own logits on a few tokens.
+
+        Runs the full forward (all logits) on the first ``_PROBE_TOKENS`` tokens of one row in eval
+        mode. A constant factor between the two is adopted as ``temperature = 1 / factor``; any
+        other mismatch raises, naming the error found.
+        """
+        was_training = model.training
+        model.eval()
+        try:
+            ids = input_ids[:1, :_PROBE_TOKENS]
+            hidden, output = self.hidden_states(model, {"input_ids": ids}, keep_logits=None)
+        finally:
+            model.train(was_training)
+        logits = getattr(output, "logits", None)
+        if logits is None:
+            logits = output[0]
+        weight, bias = self.weights(model)
+        hidden, logits = hidden.to(weight.device), logits.to(weight.device)  # a model split over devices
+        low_precision = low_precision or any(
+            t.dtype in (torch.float16, torch.bfloat16) for t in (hidden, weight, logits))
+        y, x = logits.double(), self.logits_from(hidden, weight, bias)
+        if y.shape != x.shape:
+            raise ValueError(
+                f"{self.what}: logits of shape {tuple(y.shape)} cannot come from hidden states {tuple(hidden.shape)} "
+                f"and an lm-head {tuple(weight.shape)}; this model's head is not supported"
+            )
+        tol = (3e-2 if low_precision else 1e-3) * max(1.0, y.abs().max().item())
+        err = (y - x).abs().max().item()
+        if err <= tol:
+            self.verified = True
+            return
+        if self.softcap is None:
+            factor = ((x * y).sum() / (x * x).sum().clamp(min=1e-300)).item()
+            if factor > 0 and (y - factor * x).abs().max().item() <= tol:
+                self.temperature = 1.0 / factor
+                self.verified = True
+                return
+        raise ValueError(
+            f"{self.what}'s logits are not softcap(hidden @ lm_head.weight.T + bias) / T for any T (softcap="
+            f"{self.softcap}): max abs difference {err:.3g} > {tol:.3g} on {y.shape[1]} tokens. Its forward does "
+            "something else to the logits; this model is not supported by the fused loss"
+        )

@@ -1,0 +1,405 @@
+"""Hugging Face ``Trainer`` integration: PSFT, DFT, ASFT and SFT on the fused lm-head.
+
+    from psft_kernels.integrations.hf import PSFTConfig, PSFTTrainer
+
+    args = PSFTConfig(output_dir="out", loss_type="psft", old_policy_refresh_steps=8, learning_rate=1e-6)
+    trainer = PSFTTrainer(model=model, args=args, train_dataset=train, data_collator=collator)
+    trainer.train()
+
+What the trainer does beyond ``transformers.Trainer`` (METHOD.md, "Training protocol"):
+
+* The loss is computed from the decoder's last hidden states and the lm-head's weight by the
+  fused kernels of :mod:`psft_kernels`; the ``(B, T, V)`` logits never exist (the model is asked
+  for the logits of one position per row). Labels are shifted as Hugging Face does (position t
+  predicts ``labels[t + 1]``; ``-100`` is masked); the loss is the token sum divided by
+  ``num_items_in_batch``, the target count of the whole accumulated batch, so ``n`` micro-batches
+  of ``b`` make exactly the update of one batch of ``n * b``.
+* PSFT's pi_old: at the start of every group of ``old_policy_refresh_steps`` (K) optimizer steps
+  the trainer fetches the group's ``K x gradient_accumulation_steps`` micro-batches, computes
+  their per-token log-probs under the current model once (eval mode, no gradient, the fused
+  forward-only pass), then trains on them. The first step of a group therefore has ratio 1
+  everywhere, an SFT step. A group ends early at the end of an epoch or at ``max_steps``, and a
+  run resumed from a checkpoint starts a new group.
+* ``sft_warmup_steps``: the first optimizer steps use SFT, whatever ``loss_type`` says.
+* ASFT's reference: ``ref_model`` (frozen, eval mode, no gradient), or for a peft model without
+  one, the same model with its adapter disabled.
+* Metrics, logged at every logging step beside Hugging Face's ``loss``: ``nll`` and ``entropy``
+  (token means), ``tokens`` (target tokens since the last log), and for PSFT ``clip_fraction``
+  (``_high``, ``_low``), ``ratio_mean``, ``approx_kl`` (mean of old - new log-prob), for ASFT
+  ``kl``: all token-weighted over the steps since the last log. Note that PSFT's loss is the
+  clipped surrogate (about -1 per token), so ``nll`` is the number to compare with SFT's loss.
+* Evaluation reports the token-mean NLL (cross-entropy), whatever ``loss_type`` says, through the
+  fused head when ``prediction_loss_only=True``; otherwise through the model's own forward.
+
+Tested on CPU with transformers 4.46, 5.17 and 5.23: fp32 and bf16 models, autocast,
+gradient checkpointing, peft LoRA, DDP (2 processes). Not supported: DataParallel
+(``n_gpu > 1``; launch with ``torchrun``), FSDP, DeepSpeed, context / sequence parallelism,
+label smoothing, ``compute_loss_func``, prompt-learning peft adapters, a peft tuner on the
+lm-head, and MoE auxiliary losses (a router loss the model adds to its own loss is not added).
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .. import _validation as V
+from .. import backends
+from ..api import linear_asft_loss, linear_dft_loss, linear_logprobs, linear_psft_loss, linear_sft_loss
+from ._lm_head import IGNORE_INDEX, PRIVATE_PREFIX, LMHead, is_peft_model, shifted_targets
+from ._metrics import TokenWeightedMeans
+
+__all__ = ["PSFTConfig", "PSFTTrainer", "MetricsJsonlCallback", "LOSS_TYPES", "OLD_LOGPROBS_KEY"]
+
+LOSS_TYPES = ("psft", "sft", "dft", "asft")
+# The batch key under which a micro-batch carries its pi_old log-probs, shaped like its labels
+# and aligned with the shifted targets (position t holds log pi_old(labels[t + 1])).
+OLD_LOGPROBS_KEY = PRIVATE_PREFIX + "old_logprobs"
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value}")
+    return int(value)
+
+
+@dataclass
+class PSFTConfig(TrainingArguments):
+    """``TrainingArguments`` plus the loss options. The official PSFT recipe (METHOD.md): lr 1e-6,
+    10 warm-up steps, weight decay 0.1, grad clip 1.0, eps 0.2 / 0.28, K = 8."""
+
+    loss_type: str = field(default="psft", metadata={"help": "One of 'psft', 'sft', 'dft', 'asft'."})
+    eps_low: float = field(default=0.2, metadata={"help": "PSFT: lower clip range (ratio >= 1 - eps_low)."})
+    eps_high: float = field(default=0.28, metadata={"help": "PSFT: upper clip range (ratio <= 1 + eps_high)."})
+    entropy_coef: float = field(default=0.0, metadata={"help": "Entropy bonus: loss -= entropy_coef * H."})
+    old_policy_refresh_steps: int = field(
+        default=8, metadata={"help": "PSFT: K, the optimizer steps between two refreshes of pi_old."})
+    sft_warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps of plain SFT before loss_type."})
+    kl_coef: float = field(default=0.05, metadata={"help": "ASFT: weight of the KL to the reference model."})
+    kl_direction: str = field(
+        default="forward", metadata={"help": "ASFT: 'forward' = KL(ref || model) (official code), 'reverse'."})
+    loss_backend: str = field(
+        default="auto", metadata={"help": "psft_kernels backend: 'auto', 'chunked', 'triton', 'native', 'reference'."})
+    verify_lm_head: bool = field(
+        default=True, metadata={"help": "Check once that hidden @ lm_head reproduces the model's own logits."})
+
+    def __post_init__(self):
+        V.check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        self.eps_low = V.check_nonnegative("eps_low", self.eps_low)
+        self.eps_high = V.check_nonnegative("eps_high", self.eps_high)
+        self.entropy_coef = V.check_real("entropy_coef", self.entropy_coef)
+        self.old_policy_refresh_steps = _check_int("old_policy_refresh_steps", self.old_policy_refresh_steps, 1)
+        self.sft_warmup_steps = _check_int("sft_warmup_steps", self.sft_warmup_steps, 0)
+        self.kl_coef = V.check_nonnegative("kl_coef", self.kl_coef)
+        V.check_choice("kl_direction", self.kl_direction, V.KL_DIRECTIONS)
+        V.check_choice("loss_backend", self.loss_backend, V.BACKENDS)
+        super().__post_init__()
+
+
+def _head_inputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], *per_token: Optional[Tensor]):
+    """Everything on the head's device and the head in the hidden states' dtype (differentiable moves).
+
+    A model split over devices (``device_map``) has its last hidden states and its lm-head where
+    they are; under autocast an fp32 head meets bf16 hidden states, and the lm-head would have run
+    in bf16 as well.
+    """
+    device = weight.device
+    hidden = hidden.to(device)
+    if weight.dtype != hidden.dtype:
+        weight = weight.to(hidden.dtype)
+    if bias is not None and bias.dtype != hidden.dtype:
+        bias = bias.to(hidden.dtype)
+    return (hidden, weight, bias, *(None if t is None else t.to(device) for t in per_token))
+
+
+class PSFTTrainer(Trainer):
+    """``transformers.Trainer`` whose loss is PSFT, DFT, ASFT or SFT on the fused lm-head.
+
+    Takes the arguments of ``Trainer`` (``args`` must be a :class:`PSFTConfig`) plus ``ref_model``:
+    ASFT's frozen reference model (a peft model may leave it out: its base model, adapter
+    disabled, is used). Attributes for inspection: ``old_policy_refreshes`` (pi_old groups
+    started) and ``old_logprob_passes`` (micro-batches whose pi_old log-probs were computed).
+    """
+
+    # compute_loss divides by num_items_in_batch itself: recent transformers read this flag, older
+    # versions model_accepts_loss_kwargs (set in __init__).
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, model=None, args=None, *trainer_args, ref_model: Optional[nn.Module] = None, **trainer_kwargs):
+        if args is None:
+            args = PSFTConfig(output_dir="tmp_trainer")
+        if not isinstance(args, PSFTConfig):
+            raise TypeError(f"args must be a PSFTConfig (TrainingArguments plus the loss options); got "
+                            f"{type(args).__name__}")
+        if trainer_kwargs.get("compute_loss_func") is not None:
+            raise ValueError("PSFTTrainer computes its own loss; compute_loss_func must be None")
+        super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        if args.label_smoothing_factor:
+            raise ValueError(
+                f"label_smoothing_factor is not supported by PSFTTrainer; got {args.label_smoothing_factor}")
+        if args.n_gpu > 1:
+            raise ValueError(f"PSFTTrainer does not support DataParallel (n_gpu={args.n_gpu}); launch one process "
+                             "per GPU with torchrun / accelerate launch instead")
+        if args.loss_backend != "auto":
+            reason = backends.unavailable_reason(args.loss_backend, args.device)
+            if reason is not None:
+                raise ValueError(f"loss_backend={args.loss_backend!r} cannot run on {args.device}: {reason}")
+        # Tells every transformers version that the loss is already normalized by num_items_in_batch
+        # (no division by the accumulation steps) and that num_items_in_batch must be counted.
+        self.model_accepts_loss_kwargs = True
+        self.ref_model = self._setup_ref_model(ref_model)
+        self._heads = {}
+        self._group = deque()  # prefetched optimizer steps of the current pi_old group
+        self._group_source = None  # the epoch iterator they came from
+        self._metrics = TokenWeightedMeans()
+        self.old_policy_refreshes = 0
+        self.old_logprob_passes = 0
+
+    # ------------------------------------------------------------------------------------------
+    # Setup
+    # ------------------------------------------------------------------------------------------
+
+    def _setup_ref_model(self, ref_model):
+        if self.args.loss_type != "asft":
+            if ref_model is not None:
+                raise ValueError(f"ref_model is used only by loss_type='asft'; got loss_type={self.args.loss_type!r}")
+            return None
+        if ref_model is None:
+            if self.model is not None and not is_peft_model(self.model):
+                raise ValueError(
+                    "loss_type='asft' needs a reference model: pass ref_model= (e.g. a copy.deepcopy(model) made "
+                    "before training), or train a peft model, whose base with the adapter disabled is the reference"
+                )
+            return None
+        if ref_model is self.model:
+            raise ValueError("ref_model must be a separate frozen copy, not the model being trained")
+        ref_model.requires_grad_(False)
+        ref_model.eval()
+        if getattr(ref_model, "hf_device_map", None) is None:
+            ref_model.to(self.args.device)
+        return ref_model
+
+    def _head(self, model: nn.Module, inputs) -> LMHead:
+        """The LMHead of ``model`` (unwrapped), checked against its own logits on first use."""
+        entry = self._heads.get(id(model))
+        if entry is None or entry[0] is not model:
+            what = "ref_model" if model is self.ref_model else "model"
+            entry = self._heads[id(model)] = (model, LMHead(model, what))
+        head = entry[1]
+        if not head.verified and self.args.verify_lm_head and inputs.get("input_ids") is not None:
+            head.verify(model, inputs["input_ids"], low_precision=bool(self.args.bf16 or self.args.fp16))
+        return head
+
+    # ------------------------------------------------------------------------------------------
+    # pi_old: prefetch a group of optimizer steps and score it once with the current model
+    # ------------------------------------------------------------------------------------------
+
+    def _objective(self) -> str:
+        """The loss of the optimizer step about to be taken."""
+        if self.state.global_step < self.args.sft_warmup_steps:
+            return "sft"
+        return self.args.loss_type
+
+    def get_batch_samples(self, epoch_iterator, num_batches, *args, **kwargs):
+        """The micro-batches of the next optimizer step and their target count.
+
+        The training loop calls this once per optimizer step. For PSFT it fetches a whole group of
+        steps at its start, scores all of them under the current model, and hands them out one step
+        at a time. The target count (for ``num_items_in_batch``) is always counted here, after HF's
+        label shift, so that every transformers version divides by the same number.
+        """
+        if epoch_iterator is not self._group_source:
+            self._group.clear()  # a new epoch or a new train() call: groups never span iterators
+            self._group_source = epoch_iterator
+
+        def fetch(n):
+            return super(PSFTTrainer, self).get_batch_samples(epoch_iterator, n, *args, **kwargs)[0]
+
+        if not self._group:
+            if self._objective() != "psft":
+                batches = fetch(num_batches)
+                return batches, self._count_targets(batches)
+            self._start_group(fetch, num_batches)
+        batches = self._group.popleft() if self._group else []
+        return batches, self._count_targets(batches)
+
+    def _start_group(self, fetch, num_batches: int) -> None:
+        steps = self.args.old_policy_refresh_steps
+        if self.state.max_steps and self.state.max_steps > 0:
+            steps = max(1, min(steps, self.state.max_steps - self.state.global_step))
+        for i in range(steps):
+            # The loop's own count for this step (fewer at the end of an epoch), then full steps;
+            # the iterator running out ends the group early.
+            batches = fetch(num_batches if i == 0 else self.args.gradient_accumulation_steps)
+            if not batches:
+                break
+            self._group.append(batches)
+        if self._group:
+            self._score_old_policy([b for step in self._group for b in step])
+
+    def _score_old_policy(self, batches) -> None:
+        """Attach ``log pi_old`` of every target token to each micro-batch (one forward each)."""
+        model = self.model
+        was_training = model.training
+        model.eval()  # pi_old is the policy itself: no dropout
+        try:
+            with torch.no_grad(), self.compute_loss_context_manager():
+                for batch in batches:
+                    inputs = self._prepare_inputs(batch)
+                    head = self._head(model, inputs)
+                    hidden, weight, bias, targets = _head_inputs(head.hidden_states(model, inputs),
+                                                                 *head.weights(model), shifted_targets(inputs))
+                    old, _ = linear_logprobs(hidden, weight, targets, bias=bias, softcap=head.softcap,
+                                             temperature=head.temperature, backend=self.args.loss_backend)
+                    batch[OLD_LOGPROBS_KEY] = old
+                    self.old_logprob_passes += 1
+        finally:
+            model.train(was_training)
+        self.old_policy_refreshes += 1
+
+    def _tokens_across_processes(self) -> bool:
+        return bool(getattr(self.args, "average_tokens_across_devices", False)) and self.accelerator.num_processes > 1
+
+    def _count_targets(self, batches):
+        if not batches:
+            return None
+        count = sum(shifted_targets(b).ne(IGNORE_INDEX).sum() for b in batches).to(self.args.device)
+        if self._tokens_across_processes():
+            count = self.accelerator.gather(count.reshape(1)).sum()
+        return count
+
+    # ------------------------------------------------------------------------------------------
+    # Loss
+    # ------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        old = inputs.pop(OLD_LOGPROBS_KEY, None)
+        if return_outputs:
+            # prediction_step wants the model's outputs (logits for metrics): the model's own forward.
+            outputs = model(**inputs)
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+            return loss, outputs
+        if not model.training:
+            return self.compute_loss_and_stats(model, inputs, loss_type="sft")[0]
+        kind = self._objective()
+        if kind == "psft" and old is None:
+            raise RuntimeError(
+                "PSFT micro-batch without pi_old log-probs: PSFTTrainer attaches them in get_batch_samples; if you "
+                f"drive training_step yourself, put log pi_old(targets) under batch[{OLD_LOGPROBS_KEY!r}]"
+            )
+        loss, stats = self.compute_loss_and_stats(model, inputs, loss_type=kind, old_logprobs=old,
+                                                  num_items_in_batch=num_items_in_batch)
+        self._metrics.add(stats)
+        if num_items_in_batch is not None and self._tokens_across_processes():
+            # num_items_in_batch counts every process's targets and DDP averages the gradients over
+            # processes: scale back up so that the update is the token mean over all of them.
+            loss = loss * self.accelerator.num_processes
+        return loss
+
+    def compute_loss_and_stats(self, model, inputs, *, loss_type: Optional[str] = None,
+                               old_logprobs: Optional[Tensor] = None, num_items_in_batch=None):
+        """The fused loss of one micro-batch and its stats dict (tensors; nothing is logged).
+
+        ``loss_type`` defaults to the config's. ``old_logprobs`` (PSFT): ``(B, T)`` like the labels,
+        position t holding log pi_old(labels[t + 1]); None means pi_old = the current policy. Without
+        ``num_items_in_batch`` the loss is the token mean of this micro-batch.
+        """
+        kind = V.check_choice("loss_type", loss_type or self.args.loss_type, LOSS_TYPES)
+        unwrapped = self.accelerator.unwrap_model(model)
+        head = self._head(unwrapped, inputs)
+        ref = self._reference(unwrapped, inputs, head) if kind == "asft" else None  # before the policy's graph
+        hidden, weight, bias, targets, old_logprobs = _head_inputs(
+            head.hidden_states(unwrapped, inputs, runner=model), *head.weights(unwrapped), shifted_targets(inputs),
+            old_logprobs)
+        a = self.args
+        common = dict(bias=bias, entropy_coef=a.entropy_coef, softcap=head.softcap, temperature=head.temperature,
+                      num_items_in_batch=num_items_in_batch, backend=a.loss_backend, return_stats=True)
+        if kind == "sft":
+            return linear_sft_loss(hidden, weight, targets, **common)
+        if kind == "dft":
+            return linear_dft_loss(hidden, weight, targets, **common)
+        if kind == "psft":
+            return linear_psft_loss(hidden, weight, targets, old_logprobs, eps_low=a.eps_low, eps_high=a.eps_high,
+                                    **common)
+        ref_hidden, ref_weight, ref_bias = (t if t is None else t.to(weight.device) for t in ref)
+        return linear_asft_loss(hidden, weight, targets, ref_hidden, ref_weight, ref_bias=ref_bias, kl_coef=a.kl_coef,
+                                kl_direction=a.kl_direction, **common)
+
+    def _reference(self, unwrapped: nn.Module, inputs, head: LMHead):
+        """ASFT's reference ``(hidden, weight, bias)``: ref_model, or the peft base model."""
+        if self.ref_model is not None:
+            ref = self.ref_model
+            ref_head = self._head(ref, inputs)
+            if (ref_head.softcap, ref_head.temperature) != (head.softcap, head.temperature):
+                raise ValueError(
+                    f"ref_model's logit transform (softcap={ref_head.softcap}, temperature={ref_head.temperature}) "
+                    f"differs from the model's (softcap={head.softcap}, temperature={head.temperature}); ASFT applies "
+                    "one transform to both"
+                )
+            with torch.no_grad():
+                return _head_inputs(ref_head.hidden_states(ref, inputs), *ref_head.weights(ref))
+        if not is_peft_model(unwrapped):
+            raise ValueError("loss_type='asft' needs ref_model= unless the model is a peft model")
+        was_training = unwrapped.training
+        unwrapped.eval()
+        try:
+            with torch.no_grad(), unwrapped.disable_adapter():
+                hidden = head.hidden_states(unwrapped, inputs)
+                weight, bias = head.weights(unwrapped)  # inside the context: a modules_to_save head's original
+        finally:
+            unwrapped.train(was_training)
+        return _head_inputs(hidden, weight.detach(), None if bias is None else bias.detach())
+
+    # ------------------------------------------------------------------------------------------
+    # Evaluation and logging
+    # ------------------------------------------------------------------------------------------
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """With ``prediction_loss_only`` the eval loss (token-mean NLL) comes from the fused head."""
+        if not prediction_loss_only or (inputs.get("labels") is None and inputs.get("shift_labels") is None):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, _ = self.compute_loss_and_stats(model, inputs, loss_type="sft")
+        return loss.detach(), None, None
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs and self._metrics:  # a training log (eval logs have eval_loss, the summary train_loss)
+            reduce = None
+            if self.accelerator.num_processes > 1:
+                reduce = lambda t: self.accelerator.reduce(t, reduction="sum")  # noqa: E731
+            logs.update(self._metrics.pop(reduce))
+        return super().log(logs, *args, **kwargs)
+
+
+class MetricsJsonlCallback(TrainerCallback):
+    """Writes every training log (loss, nll, entropy, ... plus ``step``) as one JSON line to ``path``.
+
+    The file is started afresh when training starts from step 0 and appended to on resume. Only the
+    main process writes.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and state.global_step == 0:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            open(self.path, "w").close()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
