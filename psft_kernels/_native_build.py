@@ -3,7 +3,7 @@
 Why at first use rather than at ``pip install``: pip builds in an isolated environment without
 torch, and the library must match the torch it is loaded into (headers, C++ ABI). So the first
 forward of ``backend="native"`` (or ``"auto"`` on the CPU) compiles the one source file with the
-system compiler, about 20 s, into a cache directory keyed by everything the binary depends on
+system compiler (10-30 s), into a cache directory keyed by everything the binary depends on
 (source, torch version, compiler, flags, instruction set). Later processes load the cached
 library at once. Concurrent processes (pytest workers) serialize on a file lock, so one builds
 and the others wait for it. A failed build warns once, leaves its log and a marker in the cache
@@ -219,7 +219,7 @@ def build(force: bool = False) -> Path:
     with _FileLock(cfg.directory / "lock"):
         if target.is_file() and (not force or target.stat().st_mtime >= _STARTED):
             return target  # another process built it while we waited
-        log.warning("psft_kernels: compiling the native CPU kernel (once, about 20 s) into %s", cfg.directory)
+        log.warning("psft_kernels: compiling the native CPU kernel (once, 10-30 s) into %s", cfg.directory)
         tmp = cfg.directory / f"{LIBRARY_NAME}.{os.getpid()}.tmp"
         cmd = cfg.command + ["-o", str(tmp)]
         start = time.perf_counter()
@@ -267,8 +267,24 @@ def load_ops():
         return None
 
 
-def _reset_for_tests() -> None:
-    """Forget this process's configuration and failures (not a loaded library: that stays)."""
-    ops = _state.ops
-    _state.__init__()
-    _state.ops = ops
+
+
+def main() -> int:
+    """``python -m psft_kernels._native_build``: build (or find) the kernel now, say where, and load it."""
+    reason = unavailable_reason()
+    if reason is not None:
+        print(f"native CPU kernel unavailable: {reason}", file=sys.stderr)
+        return 1
+    start = time.perf_counter()
+    try:
+        path = build(force=_flag(ENV_REBUILD))
+    except RuntimeError as exc:
+        print(f"native CPU kernel: build failed: {exc}", file=sys.stderr)
+        return 1
+    torch.ops.load_library(str(path))
+    print(f"native CPU kernel: {path} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

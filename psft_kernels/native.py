@@ -11,10 +11,10 @@ is the work per ``(rows x V)`` logit block between the GEMMs (which stay in ATen
   ``dx = g (onehot(y) - p) / T = a E'`` with ``a = -g / (S T)`` per row is never formed:
   ``dx W = a (E' W)`` and ``dx^T h = E'^T (a h)``, so the gradient costs the two GEMMs and
   O(rows x D) extra work. Otherwise one ``dlogits`` pass writes ``dx`` over the block;
-* the logit blocks are preallocated once per call and reused across chunks (no page faults).
+* the logit block is allocated once per call and reused by every block of rows.
 
 The library is compiled on first use (:mod:`psft_kernels._native_build`); if that fails the
-backend warns once and runs the chunked code. PyTorch equivalent: ``ChunkedBackend``.
+backend warns once and runs the chunked backend instead. PyTorch equivalent: ``ChunkedBackend``.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ NATIVE_CHUNK_ELEMENTS = 1 << 25
 NATIVE_CHUNK_HIDDEN_ELEMENTS = 1 << 20
 
 # Compacting the active rows of a block costs about one copy of them; skipping a row saves
-# two GEMM rows. Per row that is ~8 V bytes of memory traffic against ~4 V D flops, so it pays
-# once the inactive rows exceed about 32 / D of the active ones (measured break-even ~26 / D).
+# two GEMM rows. Per row that is ~8 V bytes of memory traffic against ~4 V D flops, so with
+# ~10 GB/s and ~130 GFLOP/s (the dev machine) it pays once the inactive rows exceed about
+# 26 / D of the active ones; 32 / D leaves a margin.
 COMPACT_RATIO = 32.0
 
 _KL_MODES = {None: 0, "forward": 1, "reverse": 2}
@@ -102,6 +103,9 @@ def _arange_rows(rows_c, device) -> Tensor:
 class NativeBackend(ChunkedBackend):
     name = "native"
 
+    def __init__(self):
+        self._fallback = ChunkedBackend()  # with its own (smaller) chunks, if the kernel can't load
+
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         if torch.device(device).type != "cpu":
             return f"the native kernel runs on the CPU only, not on {torch.device(device).type}"
@@ -134,7 +138,7 @@ class NativeBackend(ChunkedBackend):
                 coef_scale=None, needs: GradNeeds = GradNeeds()):
         ops = _native_build.load_ops()
         if ops is None:
-            return super().forward(inputs, spec, objective, coef_scale, needs)
+            return self._fallback.forward(inputs, spec, objective, coef_scale, needs)
         valid = inputs.targets != spec.ignore_index
         rows = None if bool(valid.all()) else valid.nonzero().squeeze(1)
         n = inputs.num_rows if rows is None else rows.numel()
@@ -150,7 +154,7 @@ class NativeBackend(ChunkedBackend):
             blocks = _Blocks(inputs, block_rows, with_ref)
         for rows_c in self._row_chunks(inputs, spec, rows):
             z, zq = blocks.logits(inputs, rows_c, with_ref)
-            y = inputs.targets[rows_c]
+            y = inputs.targets[rows_c].contiguous()  # the kernel reads targets as a plain array
             s6 = ops.stats(z, y, zq, inv_t, cap, kl_mode, keep_exp)
             st = TokenStats(s6[_LSE], s6[_LOGP], s6[_ENTROPY], s6[_REF_LSE] if with_ref else None,
                             s6[_KL] if with_ref else None)
@@ -178,7 +182,7 @@ class NativeBackend(ChunkedBackend):
                  needs: GradNeeds) -> Grads:
         ops = _native_build.load_ops()
         if ops is None:
-            return super().backward(inputs, spec, stats, coefs, needs)
+            return self._fallback.backward(inputs, spec, stats, coefs, needs)
         active = coefs.any_nonzero() & (inputs.targets != spec.ignore_index)
         rows = active.nonzero().squeeze(1)
         block_rows = self._block_rows(inputs, spec, rows.numel())
@@ -192,7 +196,7 @@ class NativeBackend(ChunkedBackend):
         zeros = torch.zeros_like(stats.lse)
         for rows_c in self._row_chunks(inputs, spec, rows):
             z, zq = blocks.logits(inputs, rows_c, with_ref)
-            y = inputs.targets[rows_c]
+            y = inputs.targets[rows_c].contiguous()  # the kernel reads targets as a plain array
             if factored:  # recomputing the statistics is one exp pass, like recomputing p
                 s6 = ops.stats(z, y, None, inv_t, 0.0, 0, True)
             else:

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import psft_kernels as pk
-from psft_kernels import _native_build, backends
+from psft_kernels import _native_build
 from psft_kernels._types import HeadInputs, HeadSpec
 from psft_kernels.native import NativeBackend
 from helpers import assert_close, assert_matches_truth, cpu_backends, make_problem, run
@@ -221,7 +221,8 @@ def test_kernel_ops_match_float64(dtype, V, kl_mode, softcap, temperature):
     ops = _native_ops()
     g = torch.Generator().manual_seed(V + kl_mode)
     n = 9
-    x, xq = torch.randn(n, V, generator=g, dtype=torch.float64) * 4, torch.randn(n, V, generator=g, dtype=torch.float64) * 4
+    x = torch.randn(n, V, generator=g, dtype=torch.float64) * 4
+    xq = torch.randn(n, V, generator=g, dtype=torch.float64) * 4
     y = torch.randint(0, V, (n,), generator=g)
     cg, ce, ck = (torch.randn(n, generator=g, dtype=torch.float64) for _ in range(3))
 
