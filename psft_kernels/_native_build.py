@@ -16,6 +16,7 @@ Environment:
   PSFT_KERNELS_NO_NATIVE=1       never build or load the kernel
   PSFT_KERNELS_REBUILD_NATIVE=1  rebuild even if cached (also retries after a failed build)
   PSFT_KERNELS_CACHE_DIR         cache root (default: $XDG_CACHE_HOME/psft_kernels or ~/.cache/psft_kernels)
+  PSFT_KERNELS_NATIVE_ISA        generic | avx2 | avx512: x86 vector flags instead of torch's choice (tests)
   CXX                            the C++ compiler (default: c++, g++ or clang++ on PATH)
 """
 
@@ -40,6 +41,7 @@ import torch
 ENV_DISABLE = "PSFT_KERNELS_NO_NATIVE"
 ENV_REBUILD = "PSFT_KERNELS_REBUILD_NATIVE"
 ENV_CACHE = "PSFT_KERNELS_CACHE_DIR"
+ENV_ISA = "PSFT_KERNELS_NATIVE_ISA"
 
 SOURCE = Path(__file__).with_name("csrc") / "psft_native.cpp"
 LIBRARY_NAME = "psft_native.so"
@@ -106,17 +108,30 @@ def _compiler_version(compiler: str) -> Optional[str]:
     return out.stdout.strip().splitlines()[0] if out.stdout.strip() else "unknown"
 
 
+_ISA_FLAGS = {
+    "generic": [],
+    "avx2": ["-mavx2", "-mfma"],
+    # the extensions ATen requires for its own AVX-512 kernels
+    "avx512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
+}
+
+
 def _isa_flags() -> List[str]:
-    """Vector flags for the CPU we run on; the cache key includes them, so a library built
-    here is never loaded on a CPU without these instructions (no -march=native)."""
+    """Vector flags for the CPU we run on, as torch dispatches its own kernels here. The cache
+    key includes them, so a library built here is never loaded on a CPU without these
+    instructions (no -march=native). ``PSFT_KERNELS_NATIVE_ISA`` overrides, for tests."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return []  # aarch64: NEON is baseline
+    forced = os.environ.get(ENV_ISA, "").strip().lower()
+    if forced:
+        if forced not in _ISA_FLAGS:
+            raise RuntimeError(f"{ENV_ISA} must be one of {', '.join(_ISA_FLAGS)}; got {forced!r}")
+        return _ISA_FLAGS[forced]
     try:
         capability = torch.backends.cpu.get_cpu_capability()
     except Exception:  # pragma: no cover - very old torch
         capability = "DEFAULT"
-    # AVX-512 machines also get AVX2 code: measured no faster here, and it avoids downclocking.
-    return ["-mavx2", "-mfma"] if capability in ("AVX2", "AVX512") else []
+    return _ISA_FLAGS.get(capability.lower(), [])
 
 
 def _cxx_standard() -> str:

@@ -185,6 +185,12 @@ def test_disabled_by_environment(sandbox):
     assert out["losses"] == [out["chunked"]] and _compiles(log) == 0
 
 
+def test_bad_isa_override(sandbox):
+    env, log = sandbox
+    out = _scenario(env, "", {"PSFT_KERNELS_NATIVE_ISA": "avx9000"})
+    assert "PSFT_KERNELS_NATIVE_ISA" in out["reason"] and "avx9000" in out["reason"] and out["auto"] == "chunked"
+
+
 def test_concurrent_processes_build_once(sandbox):
     _native_ops()
     env, log = sandbox
