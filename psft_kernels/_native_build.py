@@ -43,7 +43,14 @@ ENV_REBUILD = "PSFT_KERNELS_REBUILD_NATIVE"
 ENV_CACHE = "PSFT_KERNELS_CACHE_DIR"
 ENV_ISA = "PSFT_KERNELS_NATIVE_ISA"
 
-SOURCE = Path(__file__).with_name("csrc") / "psft_native.cpp"
+def _find_source() -> Path:
+    """The C++ source: inside the package for a wheel install, at the repository's csrc/ otherwise."""
+    name = "psft_native.cpp"
+    candidates = (Path(__file__).with_name("csrc") / name, Path(__file__).resolve().parent.parent / "csrc" / name)
+    return next((c for c in candidates if c.is_file()), candidates[0])
+
+
+SOURCE = _find_source()
 LIBRARY_NAME = "psft_native.so"
 FAILED_MARKER = "build-failed.log"
 BUILD_TIMEOUT_S = 900
