@@ -60,18 +60,20 @@ class ChunkedBackend:
 
     def _chunk_stats(self, z: Tensor, y: Tensor, zq: Optional[Tensor], spec: HeadSpec) -> TokenStats:
         """Statistics of one chunk of valid rows: ``z`` (c, V) logits, ``y`` (c,) targets."""
+        # Sums of p * log p, not lse - sum p z: no cancellation when the logits are large.
         lse = torch.logsumexp(z, dim=-1)
-        logp = z.gather(1, y[:, None]).squeeze(1) - lse
-        p = torch.exp(z - lse[:, None])
-        entropy = lse - (p * z).sum(-1)
+        log_p = z - lse[:, None]
+        logp = log_p.gather(1, y[:, None]).squeeze(1)
+        p = torch.exp(log_p)
+        entropy = -(p * log_p).sum(-1)
         if zq is None:
             return TokenStats(lse, logp, entropy)
         ref_lse = torch.logsumexp(zq, dim=-1)
-        if spec.kl_direction == "forward":  # sum_v q_v (z'_v - lse' - z_v + lse)
-            q = torch.exp(zq - ref_lse[:, None])
-            kl = (q * (zq - z)).sum(-1) - ref_lse + lse
-        else:  # sum_v p_v (z_v - lse - z'_v + lse')
-            kl = (p * (z - zq)).sum(-1) - lse + ref_lse
+        log_q = zq - ref_lse[:, None]
+        if spec.kl_direction == "forward":  # sum_v q_v (log q_v - log p_v)
+            kl = (torch.exp(log_q) * (log_q - log_p)).sum(-1)
+        else:  # sum_v p_v (log p_v - log q_v)
+            kl = (p * (log_p - log_q)).sum(-1)
         return TokenStats(lse, logp, entropy, ref_lse, kl)
 
     def _chunk_dlogits(self, z: Tensor, y: Tensor, zq: Optional[Tensor], stats: TokenStats, coefs: Coefficients,
