@@ -67,10 +67,10 @@ def windows(stream: torch.Tensor, seq_len: int, count: int) -> torch.Tensor:
     return stream[: n * seq_len].view(n, seq_len)
 
 
-def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
+def lm_loss(model, ids: torch.Tensor, backend: str) -> torch.Tensor:
     """Token-mean next-token NLL of ``ids`` (B, T) through the fused head: no (B, T, V) logits."""
     hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
-    return pk.linear_sft_loss(hidden, model.get_output_embeddings().weight, ids[:, 1:])
+    return pk.linear_sft_loss(hidden, model.get_output_embeddings().weight, ids[:, 1:], backend=backend)
 
 
 def _lr_at(step: int, cfg) -> float:
@@ -100,8 +100,9 @@ def pretrain(cfg: StudyConfig, out_dir: str, log=print) -> dict:
     arith_tokens = sum(len(ids) + 2 for a, ids in zip(is_arith, codec.encode_batch(train_docs)) if a)
     heldout = windows(token_stream(codec, heldout_docs), cfg.pretrain.seq_len, cfg.finetune.ood_eval_sequences)
     t_data = time.perf_counter() - t0
-    log(f"  corpus: {len(train_docs)} documents ({n_arith} of worked two-number sums, {arith_tokens / stream.numel():.0%} "
-        f"of the tokens), {stream.numel()} tokens for pretraining; {len(heldout_docs)} held-out documents "
+    share = arith_tokens / stream.numel()
+    log(f"  corpus: {len(train_docs)} documents ({n_arith} of worked two-number sums, {share:.0%} of the tokens),"
+        f" {stream.numel()} tokens for pretraining; {len(heldout_docs)} held-out documents "
         f"({t_data:.1f}s incl. tokenizer)")
 
     p = cfg.pretrain
@@ -120,7 +121,7 @@ def pretrain(cfg: StudyConfig, out_dir: str, log=print) -> dict:
     for step in range(p.steps):
         starts = torch.randint(0, stream.numel() - p.seq_len, (p.batch_size,), generator=gen)
         batch = torch.stack([stream[s: s + p.seq_len] for s in starts.tolist()])
-        loss = lm_loss(model, batch)
+        loss = lm_loss(model, batch, cfg.loss_backend)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -131,7 +132,7 @@ def pretrain(cfg: StudyConfig, out_dir: str, log=print) -> dict:
             log(f"  pretrain step {step:4d}/{p.steps}  loss {loss.item():.3f}  ({time.perf_counter() - t1:.0f}s)")
     model.eval()
     with torch.no_grad():
-        heldout_loss = lm_loss(model, heldout).item()
+        heldout_loss = lm_loss(model, heldout, cfg.loss_backend).item()
     facts = fact_accuracy(model, codec, cfg)
     log(f"  base model: held-out text loss {heldout_loss:.3f}; two-number sums answered right: {facts:.0%}")
     model.save_pretrained(os.path.join(out_dir, "model"))

@@ -81,6 +81,10 @@ class FinetuneConfig:
 @dataclass(frozen=True)
 class StudyConfig:
     name: str = "default"
+    # psft_kernels backend for every loss and metric. The pure-PyTorch "chunked" one is available
+    # everywhere, so the numbers do not depend on whether a compiler (native) or a GPU (triton) is
+    # around; "auto" picks the fastest the machine has.
+    loss_backend: str = "chunked"
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -98,7 +102,8 @@ class StudyConfig:
                  # what else the cached files depend on: the arithmetic in the corpus, the held-out
                  # windows saved beside the model, the base's fact accuracy in meta.json
                  "operands": self.task.operands, "ood_eval_sequences": self.finetune.ood_eval_sequences,
-                 "max_new_tokens": self.finetune.max_new_tokens, "format": 1}
+                 "max_new_tokens": self.finetune.max_new_tokens, "loss_backend": self.loss_backend,
+                 "format": 1}
         blob = json.dumps(parts, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

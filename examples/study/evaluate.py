@@ -40,24 +40,24 @@ def collate(features: Sequence[Dict[str, List[int]]], pad_id: int) -> Dict[str, 
 
 
 @torch.no_grad()
-def ood_loss(model, heldout: torch.Tensor, batch: int = 16) -> float:
+def ood_loss(model, heldout: torch.Tensor, backend: str, batch: int = 16) -> float:
     """Token-mean NLL on the held-out general-text windows (B, T)."""
     total, count = 0.0, 0
     for i in range(0, heldout.shape[0], batch):
         chunk = heldout[i: i + batch]
         n = chunk.numel() - chunk.shape[0]
-        total += lm_loss(model, chunk).item() * n
+        total += lm_loss(model, chunk, backend).item() * n
         count += n
     return total / count
 
 
 @torch.no_grad()
-def answer_entropy(model, codec: TextCodec, problems: Sequence[Problem]) -> float:
+def answer_entropy(model, codec: TextCodec, problems: Sequence[Problem], backend: str) -> float:
     """Token-mean entropy (nats) of the model's next-token distribution at the solution tokens."""
     batch = collate([encode_problem(codec, p) for p in problems], codec.pad_id)
     hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     targets = batch["labels"][:, 1:]
-    _, entropy = pk.linear_logprobs(hidden[:, :-1], model.get_output_embeddings().weight, targets)
+    _, entropy = pk.linear_logprobs(hidden[:, :-1], model.get_output_embeddings().weight, targets, backend=backend)
     valid = targets.ne(IGNORE)
     return (entropy[valid].sum() / valid.sum()).item()
 

@@ -48,9 +48,10 @@ class _Probe:
         try:
             acc, texts = accuracy(model, self.codec, self.eval_set, self.cfg.finetune.max_new_tokens)
             return {
-                "step": step, "epoch": epoch, "accuracy": acc, "ood_loss": ood_loss(model, self.heldout),
-                "entropy_train_probe": answer_entropy(model, self.codec, self.train_probe),
-                "entropy_heldout_probe": answer_entropy(model, self.codec, self.heldout_probe),
+                "step": step, "epoch": epoch, "accuracy": acc,
+                "ood_loss": ood_loss(model, self.heldout, self.cfg.loss_backend),
+                "entropy_train_probe": answer_entropy(model, self.codec, self.train_probe, self.cfg.loss_backend),
+                "entropy_heldout_probe": answer_entropy(model, self.codec, self.heldout_probe, self.cfg.loss_backend),
                 "sample": texts[0],
             }
         finally:
@@ -110,7 +111,7 @@ def run_one(job: dict) -> dict:
             max_grad_norm=ft.max_grad_norm,
             old_policy_refresh_steps=ft.psft_k, eps_low=ft.psft_eps_low, eps_high=ft.psft_eps_high,
             sft_warmup_steps=ft.psft_warmup_epochs * per_epoch if method == "psft_warmup" else 0,
-            kl_coef=ft.asft_kl_coef,
+            kl_coef=ft.asft_kl_coef, loss_backend=cfg.loss_backend,
             logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True,
             dataloader_pin_memory=False,
         )

@@ -181,7 +181,8 @@ def markdown(summary: dict, meta: dict) -> str:
     best = summary["best_lr"]
     front = {(p["method"], p["lr"]) for p in summary["frontier"]}
     for c in summary["cells"]:
-        tag = (" **best**" if best.get(c["method"]) == c["lr"] else "") + (" (front)" if (c["method"], c["lr"]) in front else "")
+        tag = " **best**" if best.get(c["method"]) == c["lr"] else ""
+        tag += " (front)" if (c["method"], c["lr"]) in front else ""
         lines.append(
             f"| {LABELS[c['method']]}{tag} | {c['lr']:g} | {_pm(c['accuracy'], 100, 1)} | {_pm(c['ood_loss'])} | "
             f"{_pm(c['ood_rise'])} | {c['entropy_train_probe_epoch1']['mean']:.3f} → "
@@ -199,7 +200,8 @@ def markdown(summary: dict, meta: dict) -> str:
     lines += ["", "Δ = difference of means ± its standard error (Welch, seeds independent).", "",
               "## Run", "",
               f"- Wall time {meta['wall_seconds']:.0f} s (pretraining {meta['pretrain_wall_seconds']:.0f} s, "
-              f"{'loaded from cache' if meta['base_cached'] else 'cold'}; fine-tuning {meta['finetune_wall_seconds']:.0f} s "
+              f"{'loaded from cache' if meta['base_cached'] else 'cold'}; "
+              f"fine-tuning {meta['finetune_wall_seconds']:.0f} s "
               f"for {meta['runs']} runs on {meta['workers']} worker(s) x {meta['threads_per_worker']} thread(s)).",
               f"- CPU time {meta['cpu_seconds']:.0f} s; load average before / after: {meta['loadavg_start']} / "
               f"{meta['loadavg_end']} on {meta['cpu_count']} cores (other jobs share the machine).",

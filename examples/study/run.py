@@ -12,6 +12,7 @@ fine-tuning processes, one torch thread each; pretraining always uses 2 threads)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -55,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--out", help="output folder (default: examples/study for the default preset, a new "
                                  "temporary folder for --quick)")
     p.add_argument("--cache-dir", help="where pretrained base models are cached")
+    p.add_argument("--loss-backend", choices=["chunked", "auto", "native", "reference"],
+                   help="psft_kernels backend for every loss (default: chunked, available everywhere, so the "
+                        "numbers do not depend on the machine having a compiler)")
     p.add_argument("--report-only", action="store_true",
                    help="no training: rebuild results.md, the plots and the summary from OUT/results.json")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
@@ -74,6 +78,8 @@ def main(argv=None) -> dict:
     if args.report_only:
         return report_only(args.out or STUDY_DIR)
     cfg = quick_config() if args.quick else default_config()
+    if args.loss_backend:
+        cfg = dataclasses.replace(cfg, loss_backend=args.loss_backend)
     out = args.out or (tempfile.mkdtemp(prefix="psft-study-quick-") if args.quick else STUDY_DIR)
     os.makedirs(out, exist_ok=True)
     workers = max(1, args.workers)
@@ -127,7 +133,8 @@ def main(argv=None) -> dict:
         "base_cached": cached, "base_path": base_path, "pretrain_wall_seconds": t_base,
         "finetune_wall_seconds": t_ft, "wall_seconds": time.perf_counter() - t0,
         "cpu_seconds": _cpu_seconds() - cpu0, "loadavg_start": load0, "loadavg_end": _loadavg(),
-        "loss_backend": pk.auto_backend_name("cpu") if hasattr(pk, "auto_backend_name") else "auto",
+        "loss_backend": cfg.loss_backend if cfg.loss_backend != "auto" else pk.auto_backend_name("cpu"),
+        "psft_kernels": pk.__version__,
         "steps_per_epoch": steps_per_epoch(cfg), "eval_steps": eval_steps(cfg),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},

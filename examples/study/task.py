@@ -5,7 +5,9 @@
 
 The base model has seen two-number sums in this format during pretraining (corpus.py): it knows
 the addition facts a solution is made of. Fine-tuning teaches it to chain two of them, as SFT on
-math demonstrations teaches the paper's base models harder problems than they solve. Each solution follows one of three strategies picked at random per example, so the
+math demonstrations teaches the paper's base models harder problems than they solve.
+
+Each solution follows one of three strategies picked at random per example, so the
 demonstrations hold a real choice (about log 3 nats at the first solution token): a model that
 memorizes which strategy each training problem happened to get drives its entropy on the training
 data below what the data supports, the "entropy collapse" the PSFT paper describes. The answer is
