@@ -26,6 +26,26 @@ FUNCTIONS = {
 }
 
 
+# Option sets every backend is compared on: problem options (how inputs are drawn) mixed with
+# loss options; ``split_options`` separates them.
+OPTION_SETS = {
+    "plain": dict(),
+    "bias": dict(bias=True),
+    "temperature": dict(temperature=0.7),
+    "softcap": dict(softcap=3.0, logit_scale=6.0),
+    "softcap+temperature+bias": dict(softcap=2.5, temperature=1.3, bias=True, logit_scale=5.0),
+    "entropy_coef": dict(entropy_coef=0.1),
+    "no_ignored": dict(ignore_frac=0.0),
+}
+_PROBLEM_KEYS = {"bias", "logit_scale", "ignore_frac"}
+
+
+def split_options(opts: Dict) -> Tuple[Dict, Dict]:
+    """``(make_problem options, loss options)`` of one entry of OPTION_SETS."""
+    return ({k: v for k, v in opts.items() if k in _PROBLEM_KEYS},
+            {k: v for k, v in opts.items() if k not in _PROBLEM_KEYS})
+
+
 def cpu_backends(include_slow: bool = False):
     """The non-reference backends that run on this machine's CPU.
 

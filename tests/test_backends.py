@@ -6,27 +6,11 @@ import pytest
 import torch
 
 import psft_kernels as pk
-from helpers import LOSSES, assert_close, assert_matches_truth, cpu_backends, make_problem, run
+from helpers import (LOSSES, OPTION_SETS, assert_close, assert_matches_truth, cpu_backends, make_problem, run,
+                     split_options)
 
 BACKENDS = cpu_backends()
 TIGHT = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=1e-6)}
-
-OPTION_SETS = {
-    "plain": dict(),
-    "bias": dict(bias=True),
-    "temperature": dict(temperature=0.7),
-    "softcap": dict(softcap=3.0, logit_scale=6.0),
-    "softcap+temperature+bias": dict(softcap=2.5, temperature=1.3, bias=True, logit_scale=5.0),
-    "entropy_coef": dict(entropy_coef=0.1),
-    "no_ignored": dict(ignore_frac=0.0),
-}
-PROBLEM_KEYS = {"bias", "logit_scale", "ignore_frac"}
-
-
-def _split(opts):
-    prob = {k: v for k, v in opts.items() if k in PROBLEM_KEYS}
-    return prob, {k: v for k, v in opts.items() if k not in PROBLEM_KEYS}
-
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss", LOSSES)
@@ -34,7 +18,7 @@ def _split(opts):
 @pytest.mark.parametrize("options", list(OPTION_SETS), ids=list(OPTION_SETS))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_matches_reference(backend, loss, reduction, options, dtype):
-    prob_opts, loss_opts = _split(OPTION_SETS[options])
+    prob_opts, loss_opts = split_options(OPTION_SETS[options])
     problem = make_problem(ref=loss == "asft", dtype=dtype, **prob_opts)
     if loss == "asft":
         loss_opts.setdefault("kl_coef", 0.3)

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import psft_kernels as pk
-from helpers import LOSSES, Problem, assert_close, assert_matches_truth, make_problem, run
+from helpers import (LOSSES, OPTION_SETS, Problem, assert_close, assert_matches_truth, make_problem, run,
+                     split_options)
 from psft_kernels import backends
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -32,17 +33,11 @@ F32 = dict(rtol=2e-5, atol=1e-6)
 # blocks x 3 vocabulary tiles (the last ones partial).
 SMALL = dict(batch=(3, 11), D=16, V=157)
 MEDIUM = dict(batch=(5, 27), D=24, V=300)
-PROBLEM_KEYS = {"bias", "logit_scale", "ignore_frac"}
 
 
 def problem(loss: str = "sft", dtype=torch.float32, **kw) -> Problem:
     kw = {**SMALL, **kw}
     return make_problem(ref=loss == "asft", dtype=dtype, device=str(DEVICE), **kw)
-
-
-def split(opts):
-    return ({k: v for k, v in opts.items() if k in PROBLEM_KEYS},
-            {k: v for k, v in opts.items() if k not in PROBLEM_KEYS})
 
 
 def compare(loss, prob, tol=F32, what="", **options):
@@ -64,22 +59,11 @@ def triton_module():
 # ----------------------------------------------------------------------------------------------
 # Every loss and option
 # ----------------------------------------------------------------------------------------------
-OPTION_SETS = {
-    "plain": dict(),
-    "bias": dict(bias=True),
-    "temperature": dict(temperature=0.7),
-    "softcap": dict(softcap=3.0, logit_scale=6.0),
-    "softcap+temperature+bias": dict(softcap=2.5, temperature=1.3, bias=True, logit_scale=5.0),
-    "entropy_coef": dict(entropy_coef=0.1),
-    "no_ignored": dict(ignore_frac=0.0),
-}
-
-
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("options", list(OPTION_SETS), ids=list(OPTION_SETS))
 def test_matches_reference(loss, reduction, options):
-    prob_opts, loss_opts = split(OPTION_SETS[options])
+    prob_opts, loss_opts = split_options(OPTION_SETS[options])
     compare(loss, problem(loss, **prob_opts), reduction=reduction, what=f"{loss}/{reduction}/{options}",
             **loss_opts)
 
