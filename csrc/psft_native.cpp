@@ -7,9 +7,12 @@
 //
 //   stats(z, y, zq, ...)    softcap / temperature applied in place; returns per-row
 //                           [lse, logp, entropy, rowmax, ref_lse, kl]           (METHOD.md);
-//                           with keep_exp, z <- exp(z - rowmax) - S onehot(y)  (S = sum of exps)
+//                           with keep_exp, z <- exp(z - rowmax) - S onehot(y)  (S = sum of exps);
+//                           with a softcap, optionally slope <- dz/dx, from the raw logits
 //   dlogits(z, y, zq, ...)  z <- dl/dx = (g (onehot - p) + e dH/dz + k dKL/dz) dz/dx, in place
-//   transform(x, ...)       x <- softcap(x) / T, in place (the backward recomputes raw logits)
+//                           (dz/dx: 1/T, or with a softcap the slope from stats / transform)
+//   transform(x, ...)       x <- softcap(x) / T, in place (the backward recomputes raw logits),
+//                           optionally slope <- dz/dx
 //   compact(x, keep)        moves the rows `keep` (ascending) to the front of x, in place
 //
 // Loops are written on GCC/Clang vector types (no intrinsics): the same source is compiled for
@@ -210,6 +213,18 @@ inline vec_t<T> transform(vec_t<T> x, T inv_temp, T cap, T inv_cap) {
   return x * inv_temp;
 }
 
+// dz/dx of z = s tanh(x / s) / T: (1 - tanh^2(x / s)) / T = 4 e / ((1 + e)^2 T), e = exp(-2|x| / s).
+// From the raw logit, to a few ulps relative; recovered from z, whose tanh is within an ulp of
+// +-1 near saturation, it would keep an absolute error of a few ulps of 1, most of its value there.
+template <typename T>
+inline vec_t<T> softcap_slope(vec_t<T> x, T minus_two_inv_cap, T four_inv_temp) {
+  const ivec_t<T> sign = (ivec_t<T>)splat<T>(T(-0.0));
+  vec_t<T> ax = (vec_t<T>)((ivec_t<T>)x & ~sign);
+  vec_t<T> e = vexp<T>(ax * minus_two_inv_cap);  // in (0, 1]: flushes to 0 far out, as the slope should
+  vec_t<T> d = e + T(1);
+  return e * four_inv_temp / (d * d);
+}
+
 struct Options {
   double inv_temp;
   double cap;  // 0: no softcap
@@ -224,10 +239,11 @@ struct Options {
 enum StatRow : int64_t { kLse = 0, kLogp, kEntropy, kRowMax, kRefLse, kKl, kNumStats };
 
 template <typename T, bool CAP, bool TRANSFORM, int KL, bool KEEP_EXP>
-void stats_rows(T* z, int64_t ldz, T* zq, int64_t ldq, const int64_t* y, int64_t V, const Options& o,
-                T* out, int64_t n, int64_t begin, int64_t end) {
+void stats_rows(T* z, int64_t ldz, T* zq, int64_t ldq, T* slope, int64_t lds, const int64_t* y, int64_t V,
+                const Options& o, T* out, int64_t n, int64_t begin, int64_t end) {
   constexpr int W = kLanes<T>;
   const T inv_temp = T(o.inv_temp), cap = T(o.cap), inv_cap = CAP ? T(1) / T(o.cap) : T(0);
+  const T m2_inv_cap = T(-2) * inv_cap, four_inv_temp = T(4) * inv_temp;
   const T ninf = -std::numeric_limits<T>::infinity();
   const int64_t full = V - V % W;
   const int tail = static_cast<int>(V - full);
@@ -235,6 +251,7 @@ void stats_rows(T* z, int64_t ldz, T* zq, int64_t ldq, const int64_t* y, int64_t
   for (int64_t i = begin; i < end; ++i) {
     T* zr = z + i * ldz;
     T* qr = KL ? zq + i * ldq : nullptr;
+    T* sr = CAP && slope ? slope + i * lds : nullptr;
     const int64_t target = y[i];
     TORCH_CHECK(target >= 0 && target < V, "psft_native.stats: target ", target, " out of range [0, ", V, ")");
 
@@ -242,6 +259,7 @@ void stats_rows(T* z, int64_t ldz, T* zq, int64_t ldq, const int64_t* y, int64_t
     vec_t<T> mx = splat(ninf), mq = splat(ninf);
     for (int64_t v = 0; v < full; v += W) {
       vec_t<T> x = load(zr + v);
+      if (CAP && sr) store(sr + v, softcap_slope<T>(x, m2_inv_cap, four_inv_temp));
       if (TRANSFORM) store(zr + v, x = transform<T, CAP>(x, inv_temp, cap, inv_cap));
       mx = vmax<T>(mx, x);
       if (KL) {
@@ -252,6 +270,7 @@ void stats_rows(T* z, int64_t ldz, T* zq, int64_t ldq, const int64_t* y, int64_t
     }
     if (tail) {
       vec_t<T> x = load_part(zr + full, tail, T(0));
+      if (CAP && sr) store_part(sr + full, softcap_slope<T>(x, m2_inv_cap, four_inv_temp), tail);
       if (TRANSFORM) store_part(zr + full, x = transform<T, CAP>(x, inv_temp, cap, inv_cap), tail);
       mx = vmax<T>(mx, select<T>(tail_mask, x, splat(ninf)));
       if (KL) {
@@ -323,16 +342,17 @@ void stats_rows(T* z, int64_t ldz, T* zq, int64_t ldq, const int64_t* y, int64_t
 }
 
 template <typename T, bool CAP, bool TRANSFORM, int KL, bool KEEP_EXP>
-void stats_typed(const at::Tensor& z, const std::optional<at::Tensor>& zq, const at::Tensor& y, const Options& o,
-                 at::Tensor& out) {
+void stats_typed(const at::Tensor& z, const std::optional<at::Tensor>& zq, const std::optional<at::Tensor>& slope,
+                 const at::Tensor& y, const Options& o, at::Tensor& out) {
   const int64_t n = z.size(0), V = z.size(1);
   T* zp = z.data_ptr<T>();
   T* qp = KL ? zq->data_ptr<T>() : nullptr;
-  const int64_t ldz = z.stride(0), ldq = KL ? zq->stride(0) : 0;
+  T* sp = slope.has_value() ? slope->data_ptr<T>() : nullptr;
+  const int64_t ldz = z.stride(0), ldq = KL ? zq->stride(0) : 0, lds = sp ? slope->stride(0) : 0;
   const int64_t* yp = y.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
   at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
-    stats_rows<T, CAP, TRANSFORM, KL, KEEP_EXP>(zp, ldz, qp, ldq, yp, V, o, op, n, b, e);
+    stats_rows<T, CAP, TRANSFORM, KL, KEEP_EXP>(zp, ldz, qp, ldq, sp, lds, yp, V, o, op, n, b, e);
   });
 }
 
@@ -355,17 +375,26 @@ void check_rows(const at::Tensor& z, const at::Tensor& y, const std::optional<at
 }
 
 template <typename T, bool CAP, bool TRANSFORM>
-void stats_kl(const at::Tensor& z, const std::optional<at::Tensor>& zq, const at::Tensor& y, const Options& o,
-              bool keep_exp, at::Tensor& out) {
-  if (o.kl_mode == kForwardKl) return stats_typed<T, CAP, TRANSFORM, kForwardKl, false>(z, zq, y, o, out);
-  if (o.kl_mode == kReverseKl) return stats_typed<T, CAP, TRANSFORM, kReverseKl, false>(z, zq, y, o, out);
-  if (keep_exp) return stats_typed<T, CAP, TRANSFORM, kNoKl, true>(z, zq, y, o, out);
-  stats_typed<T, CAP, TRANSFORM, kNoKl, false>(z, zq, y, o, out);
+void stats_kl(const at::Tensor& z, const std::optional<at::Tensor>& zq, const std::optional<at::Tensor>& slope,
+              const at::Tensor& y, const Options& o, bool keep_exp, at::Tensor& out) {
+  if (o.kl_mode == kForwardKl) return stats_typed<T, CAP, TRANSFORM, kForwardKl, false>(z, zq, slope, y, o, out);
+  if (o.kl_mode == kReverseKl) return stats_typed<T, CAP, TRANSFORM, kReverseKl, false>(z, zq, slope, y, o, out);
+  if (keep_exp) return stats_typed<T, CAP, TRANSFORM, kNoKl, true>(z, zq, slope, y, o, out);
+  stats_typed<T, CAP, TRANSFORM, kNoKl, false>(z, zq, slope, y, o, out);
+}
+
+// `slope`, where given, must be a block like z (it is only written with a softcap).
+void check_slope(const std::optional<at::Tensor>& slope, const at::Tensor& z, const char* op) {
+  if (!slope.has_value()) return;
+  check_block(*slope, "slope");
+  TORCH_CHECK(slope->sizes() == z.sizes() && slope->scalar_type() == z.scalar_type(), "psft_native.", op,
+              ": slope must match z in shape and dtype");
 }
 
 at::Tensor stats(at::Tensor z, const at::Tensor& targets, std::optional<at::Tensor> zq, double inv_temperature,
-                 double softcap, int64_t kl_mode, bool keep_exp) {
+                 double softcap, int64_t kl_mode, bool keep_exp, std::optional<at::Tensor> slope) {
   check_rows(z, targets, zq);
+  check_slope(slope, z, "stats");
   TORCH_CHECK(kl_mode >= kNoKl && kl_mode <= kReverseKl, "psft_native.stats: bad kl_mode ", kl_mode);
   TORCH_CHECK((kl_mode != kNoKl) == zq.has_value(), "psft_native.stats: zq is needed exactly when kl_mode != 0");
   TORCH_CHECK(!keep_exp || (kl_mode == kNoKl && softcap == 0.0),
@@ -378,11 +407,11 @@ at::Tensor stats(at::Tensor z, const at::Tensor& targets, std::optional<at::Tens
   dispatch(z.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     if (softcap != 0.0) {
-      stats_kl<scalar_t, true, true>(z, zq, targets, o, keep_exp, out);
+      stats_kl<scalar_t, true, true>(z, zq, slope, targets, o, keep_exp, out);
     } else if (transform) {
-      stats_kl<scalar_t, false, true>(z, zq, targets, o, keep_exp, out);
+      stats_kl<scalar_t, false, true>(z, zq, slope, targets, o, keep_exp, out);
     } else {
-      stats_kl<scalar_t, false, false>(z, zq, targets, o, keep_exp, out);
+      stats_kl<scalar_t, false, false>(z, zq, slope, targets, o, keep_exp, out);
     }
   });
   return out;
@@ -398,12 +427,13 @@ struct RowCoefs {
   const void* k;
 };
 
-// dl/dx of one row, over z (transformed logits) in place.
+// dl/dx of one row, over z (transformed logits) in place; with CAP, dz/dx is `slope`.
 template <typename T, bool CAP, int KL, bool ENT>
-void dlogits_rows(T* z, int64_t ldz, const T* zq, int64_t ldq, const int64_t* y, int64_t V, const Options& o,
-                  const T* st, const RowCoefs& c, int64_t n, int64_t begin, int64_t end) {
+void dlogits_rows(T* z, int64_t ldz, const T* zq, int64_t ldq, const T* slope, int64_t lds, const int64_t* y,
+                  int64_t V, const Options& o, const T* st, const RowCoefs& c, int64_t n, int64_t begin,
+                  int64_t end) {
   constexpr int W = kLanes<T>;
-  const T inv_temp = T(o.inv_temp), t_over_cap = CAP ? T(1) / (T(o.cap) * inv_temp) : T(0);
+  const T inv_temp = T(o.inv_temp);
   const int64_t full = V - V % W;
   const int tail = static_cast<int>(V - full);
   const T* gs = static_cast<const T*>(c.g);
@@ -412,68 +442,63 @@ void dlogits_rows(T* z, int64_t ldz, const T* zq, int64_t ldq, const int64_t* y,
   for (int64_t i = begin; i < end; ++i) {
     T* zr = z + i * ldz;
     const T* qr = KL ? zq + i * ldq : nullptr;
+    const T* sr = CAP ? slope + i * lds : nullptr;
     const int64_t target = y[i];
     TORCH_CHECK(target >= 0 && target < V, "psft_native.dlogits: target ", target, " out of range [0, ", V, ")");
     const T lse = st[kLse * n + i], H = st[kEntropy * n + i];
     const T ref_lse = st[kRefLse * n + i], kl = st[kKl * n + i];
     const T g = gs ? gs[i] : T(0), e = ENT ? es[i] : T(0), k = KL ? ks[i] : T(0);
-    const T z_target = zr[target];
-    auto grad = [&](vec_t<T> x, vec_t<T> xq) {
+    auto grad = [&](vec_t<T> x, vec_t<T> xq, vec_t<T> dzdx) {
       vec_t<T> lp = x - lse;
       vec_t<T> p = vexp<T>(lp);
       vec_t<T> d = p * (-g);
       if (ENT) d -= (e * p) * (lp + H);  // e dH/dz = -e p (log p + H)
       if (KL == kForwardKl) d += k * (p - vexp<T>(xq - ref_lse));  // k (p - q)
       if (KL == kReverseKl) d += (k * p) * (lp - (xq - ref_lse) - kl);  // k p (log p - log q - KL)
-      if (CAP) {
-        vec_t<T> t = x * t_over_cap;  // tanh(x_raw / cap)
-        return d * ((T(1) - t * t) * inv_temp);
-      }
-      return d * inv_temp;
+      return CAP ? d * dzdx : d * inv_temp;
     };
-    for (int64_t v = 0; v < full; v += W) store(zr + v, grad(load(zr + v), KL ? load(qr + v) : vec_t<T>{}));
+    for (int64_t v = 0; v < full; v += W) {
+      store(zr + v, grad(load(zr + v), KL ? load(qr + v) : vec_t<T>{}, CAP ? load(sr + v) : vec_t<T>{}));
+    }
     if (tail) {
-      vec_t<T> d = grad(load_part(zr + full, tail, lse), KL ? load_part(qr + full, tail, ref_lse) : vec_t<T>{});
+      vec_t<T> d = grad(load_part(zr + full, tail, lse), KL ? load_part(qr + full, tail, ref_lse) : vec_t<T>{},
+                        CAP ? load_part(sr + full, tail, T(0)) : vec_t<T>{});
       store_part(zr + full, d, tail);
     }
-    T dzdx = inv_temp;  // the onehot term g goes through the same chain rule
-    if (CAP) {
-      const T t = z_target * t_over_cap;
-      dzdx = (T(1) - t * t) * inv_temp;
-    }
-    zr[target] += g * dzdx;
+    zr[target] += g * (CAP ? sr[target] : inv_temp);  // the onehot term, through the same chain rule
   }
 }
 
 template <typename T, bool CAP, int KL, bool ENT>
-void dlogits_typed(at::Tensor& z, const std::optional<at::Tensor>& zq, const at::Tensor& y, const Options& o,
-                   const at::Tensor& st, const RowCoefs& c) {
+void dlogits_typed(at::Tensor& z, const std::optional<at::Tensor>& zq, const std::optional<at::Tensor>& slope,
+                   const at::Tensor& y, const Options& o, const at::Tensor& st, const RowCoefs& c) {
   const int64_t n = z.size(0), V = z.size(1);
   T* zp = z.data_ptr<T>();
   const T* qp = KL ? zq->data_ptr<T>() : nullptr;
-  const int64_t ldz = z.stride(0), ldq = KL ? zq->stride(0) : 0;
+  const T* sp = CAP ? slope->data_ptr<T>() : nullptr;
+  const int64_t ldz = z.stride(0), ldq = KL ? zq->stride(0) : 0, lds = CAP ? slope->stride(0) : 0;
   const int64_t* yp = y.data_ptr<int64_t>();
-  const T* sp = st.data_ptr<T>();
+  const T* stp = st.data_ptr<T>();
   at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
-    dlogits_rows<T, CAP, KL, ENT>(zp, ldz, qp, ldq, yp, V, o, sp, c, n, b, e);
+    dlogits_rows<T, CAP, KL, ENT>(zp, ldz, qp, ldq, sp, lds, yp, V, o, stp, c, n, b, e);
   });
 }
 
 template <typename T, bool CAP>
-void dlogits_kl(at::Tensor& z, const std::optional<at::Tensor>& zq, const at::Tensor& y, const Options& o,
-                const at::Tensor& st, const RowCoefs& c) {
+void dlogits_kl(at::Tensor& z, const std::optional<at::Tensor>& zq, const std::optional<at::Tensor>& slope,
+                const at::Tensor& y, const Options& o, const at::Tensor& st, const RowCoefs& c) {
   const bool ent = c.e != nullptr;
   // A KL mode without a KL coefficient (ASFT with kl_coef = 0) drops the term.
   const int64_t kl = c.k != nullptr ? o.kl_mode : kNoKl;
   if (kl == kForwardKl) {
-    ent ? dlogits_typed<T, CAP, kForwardKl, true>(z, zq, y, o, st, c)
-        : dlogits_typed<T, CAP, kForwardKl, false>(z, zq, y, o, st, c);
+    ent ? dlogits_typed<T, CAP, kForwardKl, true>(z, zq, slope, y, o, st, c)
+        : dlogits_typed<T, CAP, kForwardKl, false>(z, zq, slope, y, o, st, c);
   } else if (kl == kReverseKl) {
-    ent ? dlogits_typed<T, CAP, kReverseKl, true>(z, zq, y, o, st, c)
-        : dlogits_typed<T, CAP, kReverseKl, false>(z, zq, y, o, st, c);
+    ent ? dlogits_typed<T, CAP, kReverseKl, true>(z, zq, slope, y, o, st, c)
+        : dlogits_typed<T, CAP, kReverseKl, false>(z, zq, slope, y, o, st, c);
   } else {
-    ent ? dlogits_typed<T, CAP, kNoKl, true>(z, zq, y, o, st, c)
-        : dlogits_typed<T, CAP, kNoKl, false>(z, zq, y, o, st, c);
+    ent ? dlogits_typed<T, CAP, kNoKl, true>(z, zq, slope, y, o, st, c)
+        : dlogits_typed<T, CAP, kNoKl, false>(z, zq, slope, y, o, st, c);
   }
 }
 
@@ -486,8 +511,12 @@ const void* coef_ptr(const std::optional<at::Tensor>& c, const at::Tensor& z, co
 
 void dlogits(at::Tensor z, const at::Tensor& targets, const std::optional<at::Tensor>& zq, const at::Tensor& stats,
              const std::optional<at::Tensor>& g, const std::optional<at::Tensor>& e,
-             const std::optional<at::Tensor>& k, double inv_temperature, double softcap, int64_t kl_mode) {
+             const std::optional<at::Tensor>& k, double inv_temperature, double softcap, int64_t kl_mode,
+             const std::optional<at::Tensor>& slope) {
   check_rows(z, targets, zq);
+  check_slope(slope, z, "dlogits");
+  TORCH_CHECK(softcap == 0.0 || slope.has_value(),
+              "psft_native.dlogits: a softcap needs its slope (from stats or transform_)");
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == kNumStats && stats.size(1) == z.size(0) && stats.is_contiguous() &&
                   stats.scalar_type() == z.scalar_type(),
               "psft_native.dlogits: stats must be the (6, n) output of stats()");
@@ -497,8 +526,8 @@ void dlogits(at::Tensor z, const at::Tensor& targets, const std::optional<at::Te
   if (z.size(0) == 0) return;
   dispatch(z.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    softcap != 0.0 ? dlogits_kl<scalar_t, true>(z, zq, targets, o, stats, c)
-                   : dlogits_kl<scalar_t, false>(z, zq, targets, o, stats, c);
+    softcap != 0.0 ? dlogits_kl<scalar_t, true>(z, zq, slope, targets, o, stats, c)
+                   : dlogits_kl<scalar_t, false>(z, zq, slope, targets, o, stats, c);
   });
 }
 
@@ -507,29 +536,42 @@ void dlogits(at::Tensor z, const at::Tensor& targets, const std::optional<at::Te
 // --------------------------------------------------------------------------------------------
 
 template <typename T, bool CAP>
-void transform_typed(at::Tensor& x, double inv_temperature, double softcap) {
+void transform_typed(at::Tensor& x, double inv_temperature, double softcap, const std::optional<at::Tensor>& slope) {
   constexpr int W = kLanes<T>;
   const int64_t n = x.size(0), V = x.size(1), ld = x.stride(0);
   const T inv_temp = T(inv_temperature), cap = T(softcap), inv_cap = CAP ? T(1) / T(softcap) : T(0);
+  const T m2_inv_cap = T(-2) * inv_cap, four_inv_temp = T(4) * inv_temp;
   const int64_t full = V - V % W;
   const int tail = static_cast<int>(V - full);
   T* xp = x.data_ptr<T>();
+  T* sp = CAP && slope.has_value() ? slope->data_ptr<T>() : nullptr;
+  const int64_t lds = sp ? slope->stride(0) : 0;
   at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       T* r = xp + i * ld;
-      for (int64_t v = 0; v < full; v += W) store(r + v, transform<T, CAP>(load(r + v), inv_temp, cap, inv_cap));
-      if (tail) store_part(r + full, transform<T, CAP>(load_part(r + full, tail, T(0)), inv_temp, cap, inv_cap), tail);
+      T* sr = sp ? sp + i * lds : nullptr;
+      for (int64_t v = 0; v < full; v += W) {
+        vec_t<T> u = load(r + v);
+        if (sr) store(sr + v, softcap_slope<T>(u, m2_inv_cap, four_inv_temp));
+        store(r + v, transform<T, CAP>(u, inv_temp, cap, inv_cap));
+      }
+      if (tail) {
+        vec_t<T> u = load_part(r + full, tail, T(0));
+        if (sr) store_part(sr + full, softcap_slope<T>(u, m2_inv_cap, four_inv_temp), tail);
+        store_part(r + full, transform<T, CAP>(u, inv_temp, cap, inv_cap), tail);
+      }
     }
   });
 }
 
-void transform_(at::Tensor x, double inv_temperature, double softcap) {
+void transform_(at::Tensor x, double inv_temperature, double softcap, std::optional<at::Tensor> slope) {
   check_block(x, "x");
+  check_slope(slope, x, "transform_");
   if (x.size(0) == 0 || (softcap == 0.0 && inv_temperature == 1.0)) return;
   dispatch(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    softcap != 0.0 ? transform_typed<scalar_t, true>(x, inv_temperature, softcap)
-                   : transform_typed<scalar_t, false>(x, inv_temperature, softcap);
+    softcap != 0.0 ? transform_typed<scalar_t, true>(x, inv_temperature, softcap, slope)
+                   : transform_typed<scalar_t, false>(x, inv_temperature, softcap, slope);
   });
 }
 
@@ -560,11 +602,11 @@ void compact(at::Tensor x, const at::Tensor& keep) {
 TORCH_LIBRARY(psft_native, m) {
   m.def(
       "stats(Tensor(a!) z, Tensor targets, Tensor(b!)? zq, float inv_temperature, float softcap, int kl_mode, "
-      "bool keep_exp) -> Tensor");
+      "bool keep_exp, Tensor(c!)? slope=None) -> Tensor");
   m.def(
       "dlogits(Tensor(a!) z, Tensor targets, Tensor? zq, Tensor stats, Tensor? g, Tensor? e, Tensor? k, "
-      "float inv_temperature, float softcap, int kl_mode) -> ()");
-  m.def("transform_(Tensor(a!) x, float inv_temperature, float softcap) -> ()");
+      "float inv_temperature, float softcap, int kl_mode, Tensor? slope=None) -> ()");
+  m.def("transform_(Tensor(a!) x, float inv_temperature, float softcap, Tensor(b!)? slope=None) -> ()");
   m.def("compact(Tensor(a!) x, Tensor keep) -> ()");
 }
 

@@ -29,15 +29,26 @@ from .objectives import Objective, Terms
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
 
 
-def _logits(h: Tensor, w: Tensor, b: Optional[Tensor], spec: HeadSpec, dtype: torch.dtype) -> Tensor:
-    """``z = softcap(h W^T + b) / T`` in ``dtype`` (the GEMM runs in the input dtype)."""
+def _logits(h: Tensor, w: Tensor, b: Optional[Tensor], spec: HeadSpec, dtype: torch.dtype,
+            slope: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+    """``z = softcap(h W^T + b) / T`` in ``dtype`` (the GEMM runs in the input dtype).
+
+    With ``slope`` and a softcap, also ``dz/dx * T = 1 - tanh^2(x / s) = 1 / cosh^2(x / s)``, from
+    the raw logits: recovered from ``z`` it would carry an absolute error of a few ulps of 1,
+    which near saturation (``z`` close to +-s) is most of its value. ``cosh`` overflowing to inf
+    gives 0, which is right to within fp32's smallest normal.
+    """
     x = h @ w.T if b is None else torch.addmm(b, h, w.T)
     x = x.to(dtype)
+    dzdx = None
     if spec.softcap is not None:
-        x = x.div_(spec.softcap).tanh_().mul_(spec.softcap)
+        x = x.div_(spec.softcap)
+        if slope:
+            dzdx = torch.cosh(x).square_().reciprocal_()
+        x = x.tanh_().mul_(spec.softcap)
     if spec.temperature != 1.0:
         x = x.div_(spec.temperature)
-    return x
+    return x, dzdx
 
 
 def _take(x: Optional[Tensor], rows) -> Optional[Tensor]:
@@ -77,8 +88,11 @@ class ChunkedBackend:
         return TokenStats(lse, logp, entropy, ref_lse, kl)
 
     def _chunk_dlogits(self, z: Tensor, y: Tensor, zq: Optional[Tensor], stats: TokenStats, coefs: Coefficients,
-                       spec: HeadSpec) -> Tensor:
-        """``d loss / d x`` for one chunk (x: raw logits), overwriting ``z`` (METHOD.md, "The gradient")."""
+                       spec: HeadSpec, dzdx: Optional[Tensor] = None) -> Tensor:
+        """``d loss / d x`` for one chunk (x: raw logits), overwriting ``z`` (METHOD.md, "The gradient").
+
+        ``dzdx``: the softcap's slope (``_logits(slope=True)``), needed exactly when there is a softcap.
+        """
         lse = stats.lse[:, None]
         log_p = z.sub_(lse)  # z is not needed any more: reuse its memory for log p
         dz = torch.exp(log_p)
@@ -98,29 +112,29 @@ class ChunkedBackend:
             dz.add_(ent)
         if coefs.kl is not None:
             dz.add_(term)
-        return self._through_transform(dz, log_p, lse, spec)
+        return self._through_transform(dz, dzdx, spec)
 
     @staticmethod
-    def _through_transform(dz: Tensor, log_p: Tensor, lse: Tensor, spec: HeadSpec) -> Tensor:
-        """Chain rule through ``/ T`` and the softcap (``1 - tanh^2``); ``log_p + lse`` is ``z``."""
+    def _through_transform(dz: Tensor, dzdx: Optional[Tensor], spec: HeadSpec) -> Tensor:
+        """Chain rule through ``/ T`` and the softcap (``1 - tanh^2``, given as ``dzdx``)."""
         if spec.temperature != 1.0:
             dz.div_(spec.temperature)
         if spec.softcap is not None:
-            tanh = log_p.add_(lse).mul_(spec.temperature / spec.softcap)  # z T / s = tanh(x / s)
-            dz.mul_(1.0 - tanh.square_())
+            dz.mul_(dzdx)
         return dz
 
     # ------------------------------------------------------------------------------------------
     # drivers
     # ------------------------------------------------------------------------------------------
-    def _logit_block(self, inputs: HeadInputs, spec: HeadSpec, rows_c) -> Tuple[Tensor, Optional[Tensor]]:
-        """Logits ``z`` (and the reference model's ``z'``) of the rows ``rows_c``."""
+    def _logit_block(self, inputs: HeadInputs, spec: HeadSpec, rows_c,
+                     slope: bool = False) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """Logits ``z``, the reference model's ``z'`` and (``slope``) the softcap's slope of ``z``."""
         dtype = inputs.compute_dtype
-        z = _logits(inputs.hidden[rows_c], inputs.weight, inputs.bias, spec, dtype)
+        z, dzdx = _logits(inputs.hidden[rows_c], inputs.weight, inputs.bias, spec, dtype, slope)
         zq = None
         if spec.kl_direction is not None:
-            zq = _logits(inputs.ref_hidden[rows_c], inputs.ref_weight, inputs.ref_bias, spec, dtype)
-        return z, zq
+            zq, _ = _logits(inputs.ref_hidden[rows_c], inputs.ref_weight, inputs.ref_bias, spec, dtype)
+        return z, zq, dzdx
 
     def _row_chunks(self, inputs: HeadInputs, spec: HeadSpec, rows: Optional[Tensor]):
         """Yield the rows of each chunk: a slice of all rows, or a piece of the index ``rows``."""
@@ -170,7 +184,7 @@ class ChunkedBackend:
             grads, gw, gb = self._new_grads(inputs, needs)
         stats_parts, term_parts = [], []
         for rows_c in self._row_chunks(inputs, spec, rows):
-            z, zq = self._logit_block(inputs, spec, rows_c)
+            z, zq, dzdx = self._logit_block(inputs, spec, rows_c, slope=with_grads)
             y = inputs.targets[rows_c]
             st = self._chunk_stats(z, y, zq, spec)
             stats_parts.append(st)
@@ -179,7 +193,7 @@ class ChunkedBackend:
             terms = objective.terms(st, torch.ones_like(y, dtype=torch.bool), rows_c)
             term_parts.append(terms)
             if with_grads:
-                self._chunk_grads(inputs, spec, rows_c, z, y, zq, st, terms.coefs, coef_scale, grads, gw, gb)
+                self._chunk_grads(inputs, spec, rows_c, z, y, zq, dzdx, st, terms.coefs, coef_scale, grads, gw, gb)
 
         stats = _scatter_stats(stats_parts, rows, inputs, spec)
         terms = None
@@ -188,7 +202,7 @@ class ChunkedBackend:
         grads = self._finish_grads(inputs, grads, gw, gb) if with_grads else None
         return stats, terms, grads
 
-    def _chunk_grads(self, inputs, spec, rows_c, z, y, zq, st, coefs, coef_scale, grads, gw, gb):
+    def _chunk_grads(self, inputs, spec, rows_c, z, y, zq, dzdx, st, coefs, coef_scale, grads, gw, gb):
         """Gradient of one chunk in the forward pass; rows with zero coefficients are dropped."""
         active = coefs.any_nonzero()
         if not bool(active.all()):  # PSFT-clipped rows: no gradient work
@@ -197,11 +211,11 @@ class ChunkedBackend:
                 return
             if isinstance(rows_c, slice):
                 rows_c = torch.arange(rows_c.start, rows_c.stop, device=keep.device)
-            rows_c, z, y, zq = rows_c[keep], z[keep], y[keep], _take(zq, keep)
+            rows_c, z, y, zq, dzdx = rows_c[keep], z[keep], y[keep], _take(zq, keep), _take(dzdx, keep)
             st = _take_stats(st, keep)
             coefs = coefs.take(keep)
         coefs = Coefficients(*(None if c is None else c * coef_scale for c in (coefs.logp, coefs.entropy, coefs.kl)))
-        dx = self._chunk_dlogits(z, y, zq, st, coefs, spec)
+        dx = self._chunk_dlogits(z, y, zq, st, coefs, spec, dzdx)
         self._accumulate(inputs, rows_c, dx, grads, gw, gb)
 
     @torch.no_grad()
@@ -217,9 +231,9 @@ class ChunkedBackend:
         rows = active.nonzero().squeeze(1)
         if rows.numel():
             for rows_c in self._row_chunks(inputs, spec, rows):
-                z, zq = self._logit_block(inputs, spec, rows_c)
+                z, zq, dzdx = self._logit_block(inputs, spec, rows_c, slope=True)
                 st = _take_stats(stats, rows_c)
-                dx = self._chunk_dlogits(z, inputs.targets[rows_c], zq, st, coefs.take(rows_c), spec)
+                dx = self._chunk_dlogits(z, inputs.targets[rows_c], zq, st, coefs.take(rows_c), spec, dzdx)
                 self._accumulate(inputs, rows_c, dx, grads, gw, gb)
         return self._finish_grads(inputs, grads, gw, gb)
 

@@ -49,12 +49,14 @@ _LSE, _LOGP, _ENTROPY, _ROWMAX, _REF_LSE, _KL = range(6)
 
 
 class _Blocks:
-    """Reusable logit buffers of one call: ``z`` (and ``zq``) in the compute dtype."""
+    """Reusable logit buffers of one call: ``z`` (and ``zq``) in the compute dtype, and with
+    ``with_slope`` one for the softcap's slope ``dz/dx``, which the kernel takes from the raw logits."""
 
-    def __init__(self, inputs: HeadInputs, rows: int, with_ref: bool):
+    def __init__(self, inputs: HeadInputs, rows: int, with_ref: bool, with_slope: bool = False):
         cd, V = inputs.compute_dtype, inputs.vocab_size
         h = inputs.hidden
         self.z = torch.empty(rows, V, dtype=cd, device=h.device)
+        self._slope = torch.empty(rows, V, dtype=cd, device=h.device) if with_slope else None
         self.raw = torch.empty(rows, V, dtype=h.dtype, device=h.device) if h.dtype != cd else None
         self.zq = self.raw_q = None
         if with_ref:
@@ -80,6 +82,10 @@ class _Blocks:
         if with_ref:
             zq = self._gemm(self.zq, self.raw_q, inputs.ref_hidden[rows_c], inputs.ref_weight, inputs.ref_bias)
         return z, zq
+
+    def slope(self, z: Tensor) -> Optional[Tensor]:
+        """The slope buffer for the rows of ``z`` (None without one)."""
+        return None if self._slope is None else self._slope[:z.shape[0]]
 
 
 def _options(spec: HeadSpec):
@@ -151,11 +157,12 @@ class NativeBackend(ChunkedBackend):
         block_rows = self._block_rows(inputs, spec, n)
         acc = _Accumulator(inputs, needs, block_rows) if with_grads else None
         if n:
-            blocks = _Blocks(inputs, block_rows, with_ref)
+            blocks = _Blocks(inputs, block_rows, with_ref, with_slope=with_grads and spec.softcap is not None)
         for rows_c in self._row_chunks(inputs, spec, rows):
             z, zq = blocks.logits(inputs, rows_c, with_ref)
             y = inputs.targets[rows_c].contiguous()  # the kernel reads targets as a plain array
-            s6 = ops.stats(z, y, zq, inv_t, cap, kl_mode, keep_exp)
+            slope = blocks.slope(z)
+            s6 = ops.stats(z, y, zq, inv_t, cap, kl_mode, keep_exp, slope)
             st = TokenStats(s6[_LSE], s6[_LOGP], s6[_ENTROPY], s6[_REF_LSE] if with_ref else None,
                             s6[_KL] if with_ref else None)
             stats_parts.append(st)
@@ -166,7 +173,7 @@ class NativeBackend(ChunkedBackend):
             if with_grads:
                 c = terms.coefs
                 coefs = Coefficients(*(None if x is None else x * coef_scale for x in (c.logp, c.entropy, c.kl)))
-                self._block_grads(ops, inputs, spec, rows_c, z, y, zq, s6, coefs, keep_exp, acc)
+                self._block_grads(ops, inputs, spec, rows_c, z, y, zq, slope, s6, coefs, keep_exp, acc)
 
         stats = _scatter_stats(stats_parts, rows, inputs, spec)
         terms = None
@@ -192,21 +199,22 @@ class NativeBackend(ChunkedBackend):
         factored = _factored(spec, coefs)
         with_ref = coefs.kl is not None
         inv_t, cap, kl_mode = _options(spec)
-        blocks = _Blocks(inputs, block_rows, with_ref)
+        blocks = _Blocks(inputs, block_rows, with_ref, with_slope=spec.softcap is not None)
         zeros = torch.zeros_like(stats.lse)
         for rows_c in self._row_chunks(inputs, spec, rows):
             z, zq = blocks.logits(inputs, rows_c, with_ref)
             y = inputs.targets[rows_c].contiguous()  # the kernel reads targets as a plain array
+            slope = blocks.slope(z)
             if factored:  # recomputing the statistics is one exp pass, like recomputing p
                 s6 = ops.stats(z, y, None, inv_t, 0.0, 0, True)
             else:
-                ops.transform_(z, inv_t, cap)
+                ops.transform_(z, inv_t, cap, slope)
                 if zq is not None:
                     ops.transform_(zq, inv_t, cap)
                 s6 = torch.stack([f[rows_c] for f in (stats.lse, stats.logp, stats.entropy, stats.lse,
                                                       stats.ref_lse if with_ref else zeros,
                                                       stats.kl if with_ref else zeros)])
-            self._block_grads(ops, inputs, spec, rows_c, z, y, zq, s6, coefs.take(rows_c), factored, acc,
+            self._block_grads(ops, inputs, spec, rows_c, z, y, zq, slope, s6, coefs.take(rows_c), factored, acc,
                               all_active=True)
         return acc.finish(inputs)
 
@@ -214,9 +222,9 @@ class NativeBackend(ChunkedBackend):
     # gradient of one block
     # ------------------------------------------------------------------------------------------
     def _block_grads(self, ops, inputs: HeadInputs, spec: HeadSpec, rows_c, z: Tensor, y: Tensor,
-                     zq: Optional[Tensor], s6: Tensor, coefs: Coefficients, keep_exp: bool,
-                     acc: "_Accumulator", all_active: bool = False) -> None:
-        """Accumulate the gradients of the rows of ``z``.
+                     zq: Optional[Tensor], slope: Optional[Tensor], s6: Tensor, coefs: Coefficients,
+                     keep_exp: bool, acc: "_Accumulator", all_active: bool = False) -> None:
+        """Accumulate the gradients of the rows of ``z`` (``slope``: the softcap's ``dz/dx``).
 
         ``keep_exp``: ``z`` holds ``E' = exp(z - rowmax) - S onehot(y)`` (``stats(keep_exp=True)``)
         and ``dx = a E'`` with ``a = -g exp(rowmax - lse) / T``; else ``dlogits`` writes ``dx``.
@@ -228,7 +236,7 @@ class NativeBackend(ChunkedBackend):
         if keep_exp:
             scale = -g * torch.exp(s6[_ROWMAX] - s6[_LSE]) * inv_t
         else:
-            ops.dlogits(z, y, zq, s6, g, _vec(coefs.entropy, cd), _vec(coefs.kl, cd), inv_t, cap, kl_mode)
+            ops.dlogits(z, y, zq, s6, g, _vec(coefs.entropy, cd), _vec(coefs.kl, cd), inv_t, cap, kl_mode, slope)
         if not all_active:  # PSFT-clipped rows have no gradient: drop them if that saves work
             active = coefs.any_nonzero()
             n_active = int(active.sum())

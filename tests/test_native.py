@@ -243,16 +243,41 @@ def test_kernel_ops_match_float64(dtype, V, kl_mode, softcap, temperature):
     xr = x.clone().requires_grad_(True)
     (dx,) = torch.autograd.grad(_transform(xr, temperature, softcap), xr, dz)
 
-    a, aq = x.to(dtype), (xq.to(dtype) if kl_mode else None)
-    st = ops.stats(a, y, aq, 1.0 / temperature, softcap, kl_mode, False)
+    a, aq = x.to(dtype, copy=True), (xq.to(dtype, copy=True) if kl_mode else None)
+    slope = torch.empty_like(a) if softcap else None
+    st = ops.stats(a, y, aq, 1.0 / temperature, softcap, kl_mode, False, slope)
+    if softcap:  # dz/dx from the raw logits: a few ulps relative, even where tanh saturates
+        want = torch.cosh(x / softcap).pow(-2) / temperature
+        assert ((slope.double() - want).abs() / want).max().item() <= (1e-14 if dtype == torch.float64 else 1e-6)
+        again = x.to(dtype, copy=True)
+        slope2 = torch.empty_like(a)
+        ops.transform_(again, 1.0 / temperature, softcap, slope2)
+        assert torch.equal(again, a) and torch.equal(slope2, slope)
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     scale = lambda t: tol * max(1.0, t.abs().max().item())  # noqa: E731
     for got, want in [(st[0], torch.logsumexp(z, -1)), (st[1], lp.gather(1, y[:, None])[:, 0]), (st[2], H),
                       (a, z)] + ([(st[5], kl), (st[4], torch.logsumexp(zq, -1))] if kl_mode else []):
         assert (got.double() - want.detach()).abs().max().item() <= scale(want)
     ops.dlogits(a, y, aq, st, cg.to(dtype), ce.to(dtype), ck.to(dtype) if kl_mode else None,
-                1.0 / temperature, softcap, kl_mode)
+                1.0 / temperature, softcap, kl_mode, slope)
     assert (a.double() - dx).abs().max().item() <= 4 * scale(dx)
+
+
+def test_kernel_softcap_slope_saturated():
+    """Where tanh is within an ulp of +-1, dz/dx still carries a relative, not an absolute, error.
+
+    Its relative condition number in x is 2|x / s| (through exp(-2|x| / s)), so the bound grows
+    with it; 1 - tanh^2 taken from the capped logits would be off by ~100% out there instead.
+    """
+    ops = _native_ops()
+    a = torch.linspace(-60.0, 60.0, 1001)[None, :]  # x / s up to 20 with s = 3
+    x = a.double()  # the exact values the kernel sees
+    slope = torch.empty_like(a)
+    ops.transform_(a, 1.0, 3.0, slope)
+    want = torch.cosh(x / 3.0).pow(-2)
+    bound = 2 * torch.finfo(torch.float32).eps * (x.abs() / 3.0 + 2)
+    assert ((slope.double() - want).abs() / want <= bound).all()
+    assert (a.double() - 3.0 * torch.tanh(x / 3.0)).abs().max().item() < 1e-6
 
 
 def test_kernel_factored_gradient():
@@ -281,6 +306,11 @@ def test_kernel_compact_and_checks():
         ops.stats(torch.zeros(2, 7), torch.tensor([0, 7]), None, 1.0, 0.0, 0, False)
     with pytest.raises(RuntimeError, match="float32 or float64"):
         ops.stats(torch.zeros(2, 7, dtype=torch.float16), torch.tensor([0, 1]), None, 1.0, 0.0, 0, False)
+    with pytest.raises(RuntimeError, match="slope must match z"):
+        ops.stats(torch.zeros(2, 7), torch.tensor([0, 1]), None, 1.0, 3.0, 0, False, torch.zeros(2, 6))
+    st = ops.stats(torch.zeros(2, 7), torch.tensor([0, 1]), None, 1.0, 3.0, 0, False)
+    with pytest.raises(RuntimeError, match="needs its slope"):
+        ops.dlogits(torch.zeros(2, 7), torch.tensor([0, 1]), None, st, None, None, None, 1.0, 3.0, 0)
 
 
 def test_kernel_results_do_not_depend_on_threads():

@@ -196,6 +196,18 @@ def test_half_precision_rule(loss, dtype):
     assert_matches_truth(actual, plain, truth, slack=1e-2, what=f"{loss}/{dtype}")
 
 
+@pytest.mark.parametrize("loss", ["psft", "asft"])
+def test_fp32_saturated_softcap_rule(loss):
+    """The backward's softcap slope comes from the raw tile: accurate where tanh saturates."""
+    prob = make_problem(ref=loss == "asft", batch=(4, 32), D=64, V=257, bias=True, logit_scale=6.0, seed=7,
+                        device=str(DEVICE))
+    kw = dict(softcap=3.0, **(dict(kl_coef=0.3) if loss == "asft" else {}))
+    truth = run(loss, "reference", prob, **kw)
+    f32 = prob.to(torch.float32)
+    assert_matches_truth(run(loss, "triton", f32, **kw), run(loss, "reference", f32, **kw), truth, slack=1e-6,
+                         what=loss)
+
+
 def test_options_are_validated():
     prob = problem()
     with pytest.raises(ValueError, match="filter_eps"):

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from . import config
 from .rows import compact_rows
-from .tiles import logit_tile, mma
+from .tiles import logit_tile, mma, softcap_with_slope
 
 
 @triton.jit
@@ -58,7 +58,7 @@ def _head_dz_kernel(
     stride_qn, stride_qd, stride_qv, stride_qdd,
     stride_t, stride_dz, stride_flag,
     # transform and filtering
-    softcap, inv_temperature, temperature_over_softcap, filter_eps,
+    softcap, inv_temperature, filter_eps,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_REF_BIAS: tl.constexpr,
@@ -85,9 +85,14 @@ def _head_dz_kernel(
     local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = local < v_len
     cols = v_start + local.to(tl.int64)
-    z = logit_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, stride_hn, stride_hd, stride_wv,
-                   stride_wd, softcap, inv_temperature, BLOCK_M, BLOCK_V, BLOCK_K, HAS_BIAS, HAS_SOFTCAP,
-                   DOT_PRECISION)
+    if HAS_SOFTCAP:  # the raw tile, for the slope of the softcap (tiles.softcap_with_slope)
+        x = logit_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, stride_hn, stride_hd, stride_wv,
+                       stride_wd, softcap, 1.0, BLOCK_M, BLOCK_V, BLOCK_K, HAS_BIAS, False, DOT_PRECISION)
+        z, dzdx = softcap_with_slope(x, softcap, inv_temperature)
+    else:
+        z = logit_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, stride_hn, stride_hd, stride_wv,
+                       stride_wd, softcap, inv_temperature, BLOCK_M, BLOCK_V, BLOCK_K, HAS_BIAS, False,
+                       DOT_PRECISION)
     log_p = z - lse[:, None]
     p = tl.exp(log_p)
     onehot = tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
@@ -114,10 +119,11 @@ def _head_dz_kernel(
             kl = tl.load(kl_ptr + rows, mask=row_mask, other=0.0)
             dz += k[:, None] * p * (log_p - log_q - kl[:, None])
     tile_mask = row_mask[:, None] & col_mask[None, :]
-    dz = tl.where(tile_mask, dz, 0.0) * inv_temperature
-    if HAS_SOFTCAP:  # z = s tanh(x / s) / T  =>  dz/dx = (1 - tanh^2) / T, with tanh = z T / s
-        th = z * temperature_over_softcap
-        dz = dz * (1.0 - th * th)
+    dz = tl.where(tile_mask, dz, 0.0)
+    if HAS_SOFTCAP:  # z = s tanh(x / s) / T  =>  dz/dx = (1 - tanh^2(x / s)) / T
+        dz = dz * dzdx
+    else:
+        dz = dz * inv_temperature
 
     dz_ptrs = dz_ptr + idx[:, None] * stride_dz + local[None, :]
     flag_at = flag_ptr + pid_m * stride_flag + pid_v
@@ -385,7 +391,7 @@ def head_grads(
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             ref[0].stride(0), ref[0].stride(1), ref[1].stride(0), ref[1].stride(1),
             targets.stride(0), dz.stride(0), flags.stride(0),
-            float(softcap or 1.0), 1.0 / temperature, temperature / float(softcap or 1.0),
+            float(softcap or 1.0), 1.0 / temperature,
             float(filter_eps) if filt else 0.0,
         ), dict(
             BLOCK_M=bm, BLOCK_V=bv, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,

@@ -3,6 +3,8 @@
 * :func:`logit_tile`: one ``(BLOCK_M, BLOCK_V)`` tile of ``z = softcap(h W^T + b) / T`` in fp32
   registers, ``tl.dot`` over ``D`` in ``BLOCK_K`` steps (PyTorch:
   ``(softcap * tanh((h[rows] @ w[cols].T + b[cols]) / softcap)) / T``).
+* :func:`softcap_with_slope`: the softcap of raw logits and its derivative (the backward's chain
+  rule takes the raw tile from :func:`logit_tile` with ``HAS_SOFTCAP=False, inv_temperature=1``).
 * :func:`combine`: merge two partial streaming states of the log-softmax (and of the KL
   against a reference model). The forward kernel uses it to fold each new vocabulary tile into
   its running state, and the epilogue to merge the states of the vocabulary splits, so the two
@@ -51,6 +53,20 @@ def tanh(x):
     e = tl.exp(-2.0 * tl.abs(x))
     t = (1.0 - e) / (1.0 + e)
     return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def softcap_with_slope(x, softcap, inv_temperature):
+    """``z = s tanh(x / s) / T`` and its slope ``dz/dx = (1 - tanh^2(x / s)) / T`` from the raw logit
+    ``x``: ``1 - tanh^2 = 4 e / (1 + e)^2`` with ``e = exp(-2|x / s|)`` is accurate to a few ulps
+    relative, where ``1 - tanh^2`` from a ``tanh`` within an ulp of +-1 would keep nothing. ``z`` is
+    bit-identical to :func:`logit_tile`'s."""
+    u = x / softcap
+    e = tl.exp(-2.0 * tl.abs(u))
+    t = (1.0 - e) / (1.0 + e)
+    t = tl.where(u < 0, -t, t)
+    d = 1.0 + e
+    return (softcap * t) * inv_temperature, (4.0 * inv_temperature) * e / (d * d)
 
 
 @triton.jit
