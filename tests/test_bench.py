@@ -139,3 +139,16 @@ def test_inputs_have_the_structure_they_claim():
     assert 0.02 < z.info["clip_fraction"] < 0.5
     assert float((log_ratio > math.log1p(EPS_HIGH)).float().mean()) == pytest.approx(z.info["clip_fraction"])
     assert float((log_ratio - math.log1p(EPS_HIGH)).abs().min()) > 0.04
+
+
+def test_accuracy_table_holds_the_rule(tmp_path, capsys):
+    """``python -m bench.accuracy``: each case's fused error within 2x plain PyTorch's + 1e-6 (fp32)."""
+    from bench import accuracy
+    from helpers import LOSSES, OPTION_SETS
+
+    assert accuracy.main(["--backends", "chunked", "--dtypes", "fp32", "--results-dir", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "accuracy-cpu.csv")))
+    assert len(rows) == len(LOSSES) * len(OPTION_SETS) and "chunked" in capsys.readouterr().out
+    for r in rows:
+        err, plain = float(r["max_rel_err"]), float(r["plain_pytorch_max_rel_err"])
+        assert 0 < err <= 2 * plain + 1e-6, r
