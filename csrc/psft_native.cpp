@@ -13,7 +13,7 @@
 //                           (dz/dx: 1/T, or with a softcap the slope from stats / transform)
 //   transform(x, ...)       x <- softcap(x) / T, in place (the backward recomputes raw logits),
 //                           optionally slope <- dz/dx
-//   compact(x, keep)        moves the rows `keep` (ascending) to the front of x, in place
+//   move_rows(x, dst, src)  x[dst] <- x[src], row by row, in place (fills the holes of clipped rows)
 //
 // Loops are written on GCC/Clang vector types (no intrinsics): the same source is compiled for
 // the baseline ISA or with -mavx2 / -mavx512f, by psft_kernels/_native_build.py.
@@ -575,25 +575,27 @@ void transform_(at::Tensor x, double inv_temperature, double softcap, std::optio
   });
 }
 
-// Rows move towards the front in ascending order, so each column can be moved independently:
-// the threads split the columns, never the rows.
-void compact(at::Tensor x, const at::Tensor& keep) {
+// x[dst[j]] <- x[src[j]]: the active rows behind a block's first m rows fill the holes that its
+// inactive (PSFT-clipped) rows leave there, so the GEMMs read m rows. One row copy per hole, not a
+// shift of every row. All dst rows precede all src rows, so no copy reads a row already written.
+void move_rows(at::Tensor x, const at::Tensor& dst, const at::Tensor& src) {
   check_block(x, "x");
-  TORCH_CHECK(keep.scalar_type() == at::kLong && keep.dim() == 1 && keep.is_contiguous(),
-              "psft_native.compact: keep must be a contiguous int64 vector");
-  const int64_t m = keep.size(0), n = x.size(0), V = x.size(1), ld = x.stride(0);
-  const int64_t* kp = keep.data_ptr<int64_t>();
+  for (const at::Tensor* t : {&dst, &src}) {
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->is_contiguous(),
+                "psft_native.move_rows: dst and src must be contiguous int64 vectors");
+  }
+  TORCH_CHECK(dst.size(0) == src.size(0), "psft_native.move_rows: dst has ", dst.size(0), " rows, src ", src.size(0));
+  const int64_t m = dst.size(0), n = x.size(0), V = x.size(1), ld = x.stride(0);
+  const int64_t* dp = dst.data_ptr<int64_t>();
+  const int64_t* sp = src.data_ptr<int64_t>();
   for (int64_t j = 0; j < m; ++j) {
-    TORCH_CHECK(kp[j] >= j && kp[j] < n && (j == 0 || kp[j] > kp[j - 1]),
-                "psft_native.compact: keep must be strictly ascending row indices");
+    TORCH_CHECK(dp[j] >= 0 && sp[j] < n && (j == 0 || (dp[j] > dp[j - 1] && sp[j] > sp[j - 1])) && dp[m - 1] < sp[0],
+                "psft_native.move_rows: dst and src must be ascending row indices, every dst row before every src row");
   }
   const int64_t bytes = x.element_size();
   char* base = static_cast<char*>(x.data_ptr());
-  at::parallel_for(0, V, 4096, [&](int64_t b, int64_t e) {
-    for (int64_t j = 0; j < m; ++j) {
-      if (kp[j] == j) continue;
-      std::memmove(base + (j * ld + b) * bytes, base + (kp[j] * ld + b) * bytes, (e - b) * bytes);
-    }
+  at::parallel_for(0, m, 1, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) std::memcpy(base + dp[j] * ld * bytes, base + sp[j] * ld * bytes, V * bytes);
   });
 }
 
@@ -607,12 +609,12 @@ TORCH_LIBRARY(psft_native, m) {
       "dlogits(Tensor(a!) z, Tensor targets, Tensor? zq, Tensor stats, Tensor? g, Tensor? e, Tensor? k, "
       "float inv_temperature, float softcap, int kl_mode, Tensor? slope=None) -> ()");
   m.def("transform_(Tensor(a!) x, float inv_temperature, float softcap, Tensor(b!)? slope=None) -> ()");
-  m.def("compact(Tensor(a!) x, Tensor keep) -> ()");
+  m.def("move_rows(Tensor(a!) x, Tensor dst, Tensor src) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(psft_native, CPU, m) {
   m.impl("stats", &stats);
   m.impl("dlogits", &dlogits);
   m.impl("transform_", &transform_);
-  m.impl("compact", &compact);
+  m.impl("move_rows", &move_rows);
 }

@@ -12,6 +12,15 @@ from .modules import LinearASFTLoss, LinearDFTLoss, LinearPSFTLoss, LinearSFTLos
 
 __version__ = "0.1.0"
 
+
+def empty_cache() -> None:
+    """Free the memory the backends keep between calls: the native CPU backend's logit blocks
+    (up to 128 MiB each; see ``psft_kernels.native``). The next call allocates them again."""
+    from .native import release_workspace
+
+    release_workspace()
+
+
 __all__ = [
     "linear_logprobs",
     "linear_sft_loss",
@@ -25,4 +34,5 @@ __all__ = [
     "BackendUnavailableError",
     "available_backends",
     "auto_backend_name",
+    "empty_cache",
 ]

@@ -11,7 +11,8 @@ is the work per ``(rows x V)`` logit block between the GEMMs (which stay in ATen
   ``dx = g (onehot(y) - p) / T = a E'`` with ``a = -g / (S T)`` per row is never formed:
   ``dx W = a (E' W)`` and ``dx^T h = E'^T (a h)``, so the gradient costs the two GEMMs and
   O(rows x D) extra work. Otherwise one ``dlogits`` pass writes ``dx`` over the block;
-* the logit block is allocated once per call and reused by every block of rows.
+* the logit blocks are kept between calls (:class:`_Workspace`): a fresh 128 MiB block costs its
+  page faults on every call, which a training loop calling the loss every step need not pay.
 
 The library is compiled on first use (:mod:`psft_kernels._native_build`); if that fails the
 backend warns once and runs the chunked backend instead. PyTorch equivalent: ``ChunkedBackend``.
@@ -19,7 +20,10 @@ backend warns once and runs the chunked backend instead. PyTorch equivalent: ``C
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import os
+import threading
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -38,31 +42,80 @@ from .objectives import Objective
 NATIVE_CHUNK_ELEMENTS = 1 << 25
 NATIVE_CHUNK_HIDDEN_ELEMENTS = 1 << 20
 
-# Compacting the active rows of a block costs about one copy of them; skipping a row saves
-# two GEMM rows. Per row that is ~8 V bytes of memory traffic against ~4 V D flops, so with
-# ~10 GB/s and ~130 GFLOP/s (the dev machine) it pays once the inactive rows exceed about
-# 26 / D of the active ones; 32 / D leaves a margin.
+# Dropping a block's inactive (PSFT-clipped) rows before the GEMMs: the active rows behind the
+# first n_active fill the holes the inactive ones leave there, one row copy (~8 V bytes of memory
+# traffic) per hole; each dropped row saves two GEMM rows (~4 V D flops). With ~10 GB/s and ~130
+# GFLOP/s (the dev machine) it pays when copies * 26 < dropped rows * D; 32 leaves a margin (and
+# since there are never more copies than dropped rows, it always pays for D >= 32).
 COMPACT_RATIO = 32.0
 
 _KL_MODES = {None: 0, "forward": 1, "reverse": 2}
 _LSE, _LOGP, _ENTROPY, _ROWMAX, _REF_LSE, _KL = range(6)
 
 
-class _Blocks:
-    """Reusable logit buffers of one call: ``z`` (and ``zq``) in the compute dtype, and with
-    ``with_slope`` one for the softcap's slope ``dz/dx``, which the kernel takes from the raw logits."""
+class _Workspace:
+    """The logit blocks, kept between calls: one buffer per role and dtype, grown when a call needs
+    more. A fresh block of 128 MiB is ~32k first-touch page faults the kernel must zero: ~25 ms per
+    call on the 2-core benchmark machine, 6 % of a D = 256 step; a training loop that calls the loss
+    every step would pay it every step. Held between calls: the largest blocks used so far (at most
+    128 MiB per role: ``z``; ``z'`` for ASFT; the softcap's slope; the raw GEMM output for half
+    inputs). :func:`release_workspace` (``psft_kernels.empty_cache()``) frees them;
+    ``PSFT_KERNELS_NATIVE_WORKSPACE=0`` allocates per call instead. A call that finds the workspace
+    in use by another thread allocates its own blocks.
+    """
 
-    def __init__(self, inputs: HeadInputs, rows: int, with_ref: bool, with_slope: bool = False):
+    def __init__(self) -> None:
+        self._buffers: Dict[Tuple[str, torch.dtype], Tensor] = {}
+        self._lock = threading.Lock()
+
+    def take(self, role: str, rows: int, V: int, dtype: torch.dtype) -> Tensor:
+        key = (role, dtype)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < rows * V:
+            self._buffers.pop(key, None)  # free the smaller one before allocating the larger
+            buf = self._buffers[key] = torch.empty(rows * V, dtype=dtype)
+        return buf[:rows * V].view(rows, V)
+
+    def release(self) -> None:
+        with self._lock:
+            self._buffers.clear()
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator["_Workspace"]:
+        """This workspace for the duration of one call, or a private one if it is busy or disabled."""
+        if os.environ.get("PSFT_KERNELS_NATIVE_WORKSPACE", "1") == "0" or not self._lock.acquire(blocking=False):
+            yield _Workspace()
+            return
+        try:
+            yield self
+        finally:
+            self._lock.release()
+
+
+_WORKSPACE = _Workspace()
+
+
+def release_workspace() -> None:
+    """Free the logit blocks the native backend keeps between calls (see :class:`_Workspace`)."""
+    _WORKSPACE.release()
+
+
+class _Blocks:
+    """The logit buffers of one call, from the workspace: ``z`` (and ``zq``) in the compute dtype,
+    and with ``with_slope`` one for the softcap's slope ``dz/dx``, which the kernel takes from the
+    raw logits."""
+
+    def __init__(self, inputs: HeadInputs, rows: int, with_ref: bool, ws: _Workspace, with_slope: bool = False):
         cd, V = inputs.compute_dtype, inputs.vocab_size
         h = inputs.hidden
-        self.z = torch.empty(rows, V, dtype=cd, device=h.device)
-        self._slope = torch.empty(rows, V, dtype=cd, device=h.device) if with_slope else None
-        self.raw = torch.empty(rows, V, dtype=h.dtype, device=h.device) if h.dtype != cd else None
+        self.z = ws.take("z", rows, V, cd)
+        self._slope = ws.take("slope", rows, V, cd) if with_slope else None
+        self.raw = ws.take("raw", rows, V, h.dtype) if h.dtype != cd else None
         self.zq = self.raw_q = None
         if with_ref:
             rh = inputs.ref_hidden
-            self.zq = torch.empty(rows, V, dtype=cd, device=h.device)
-            self.raw_q = torch.empty(rows, V, dtype=rh.dtype, device=h.device) if rh.dtype != cd else None
+            self.zq = ws.take("zq", rows, V, cd)
+            self.raw_q = ws.take("raw_q", rows, V, rh.dtype) if rh.dtype != cd else None
 
     @staticmethod
     def _gemm(out: Tensor, raw: Optional[Tensor], h: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
@@ -156,24 +209,25 @@ class NativeBackend(ChunkedBackend):
         stats_parts, term_parts = [], []
         block_rows = self._block_rows(inputs, spec, n)
         acc = _Accumulator(inputs, needs, block_rows) if with_grads else None
-        if n:
-            blocks = _Blocks(inputs, block_rows, with_ref, with_slope=with_grads and spec.softcap is not None)
-        for rows_c in self._row_chunks(inputs, spec, rows):
-            z, zq = blocks.logits(inputs, rows_c, with_ref)
-            y = inputs.targets[rows_c].contiguous()  # the kernel reads targets as a plain array
-            slope = blocks.slope(z)
-            s6 = ops.stats(z, y, zq, inv_t, cap, kl_mode, keep_exp, slope)
-            st = TokenStats(s6[_LSE], s6[_LOGP], s6[_ENTROPY], s6[_REF_LSE] if with_ref else None,
-                            s6[_KL] if with_ref else None)
-            stats_parts.append(st)
-            if objective is None:
-                continue
-            terms = objective.terms(st, torch.ones_like(y, dtype=torch.bool), rows_c)
-            term_parts.append(terms)
-            if with_grads:
-                c = terms.coefs
-                coefs = Coefficients(*(None if x is None else x * coef_scale for x in (c.logp, c.entropy, c.kl)))
-                self._block_grads(ops, inputs, spec, rows_c, z, y, zq, slope, s6, coefs, keep_exp, acc)
+        with _WORKSPACE.lease() as ws:
+            if n:
+                blocks = _Blocks(inputs, block_rows, with_ref, ws, with_slope=with_grads and spec.softcap is not None)
+            for rows_c in self._row_chunks(inputs, spec, rows):
+                z, zq = blocks.logits(inputs, rows_c, with_ref)
+                y = inputs.targets[rows_c].contiguous()  # the kernel reads targets as a plain array
+                slope = blocks.slope(z)
+                s6 = ops.stats(z, y, zq, inv_t, cap, kl_mode, keep_exp, slope)
+                st = TokenStats(s6[_LSE], s6[_LOGP], s6[_ENTROPY], s6[_REF_LSE] if with_ref else None,
+                                s6[_KL] if with_ref else None)
+                stats_parts.append(st)
+                if objective is None:
+                    continue
+                terms = objective.terms(st, torch.ones_like(y, dtype=torch.bool), rows_c)
+                term_parts.append(terms)
+                if with_grads:
+                    c = terms.coefs
+                    coefs = Coefficients(*(None if x is None else x * coef_scale for x in (c.logp, c.entropy, c.kl)))
+                    self._block_grads(ops, inputs, spec, rows_c, z, y, zq, slope, s6, coefs, keep_exp, acc)
 
         stats = _scatter_stats(stats_parts, rows, inputs, spec)
         terms = None
@@ -199,23 +253,24 @@ class NativeBackend(ChunkedBackend):
         factored = _factored(spec, coefs)
         with_ref = coefs.kl is not None
         inv_t, cap, kl_mode = _options(spec)
-        blocks = _Blocks(inputs, block_rows, with_ref, with_slope=spec.softcap is not None)
-        zeros = torch.zeros_like(stats.lse)
-        for rows_c in self._row_chunks(inputs, spec, rows):
-            z, zq = blocks.logits(inputs, rows_c, with_ref)
-            y = inputs.targets[rows_c].contiguous()  # the kernel reads targets as a plain array
-            slope = blocks.slope(z)
-            if factored:  # recomputing the statistics is one exp pass, like recomputing p
-                s6 = ops.stats(z, y, None, inv_t, 0.0, 0, True)
-            else:
-                ops.transform_(z, inv_t, cap, slope)
-                if zq is not None:
-                    ops.transform_(zq, inv_t, cap)
-                s6 = torch.stack([f[rows_c] for f in (stats.lse, stats.logp, stats.entropy, stats.lse,
-                                                      stats.ref_lse if with_ref else zeros,
-                                                      stats.kl if with_ref else zeros)])
-            self._block_grads(ops, inputs, spec, rows_c, z, y, zq, slope, s6, coefs.take(rows_c), factored, acc,
-                              all_active=True)
+        with _WORKSPACE.lease() as ws:
+            blocks = _Blocks(inputs, block_rows, with_ref, ws, with_slope=spec.softcap is not None)
+            zeros = torch.zeros_like(stats.lse)
+            for rows_c in self._row_chunks(inputs, spec, rows):
+                z, zq = blocks.logits(inputs, rows_c, with_ref)
+                y = inputs.targets[rows_c].contiguous()  # the kernel reads targets as a plain array
+                slope = blocks.slope(z)
+                if factored:  # recomputing the statistics is one exp pass, like recomputing p
+                    s6 = ops.stats(z, y, None, inv_t, 0.0, 0, True)
+                else:
+                    ops.transform_(z, inv_t, cap, slope)
+                    if zq is not None:
+                        ops.transform_(zq, inv_t, cap)
+                    s6 = torch.stack([f[rows_c] for f in (stats.lse, stats.logp, stats.entropy, stats.lse,
+                                                          stats.ref_lse if with_ref else zeros,
+                                                          stats.kl if with_ref else zeros)])
+                self._block_grads(ops, inputs, spec, rows_c, z, y, zq, slope, s6, coefs.take(rows_c), factored, acc,
+                                  all_active=True)
         return acc.finish(inputs)
 
     # ------------------------------------------------------------------------------------------
@@ -242,11 +297,15 @@ class NativeBackend(ChunkedBackend):
             n_active = int(active.sum())
             if n_active == 0:
                 return
-            if n_active < n and (n - n_active) * inputs.hidden.shape[1] >= COMPACT_RATIO * n_active:
-                keep = active.nonzero().squeeze(1)
-                ops.compact(z, keep)
-                z, rows_c = z[:n_active], _arange_rows(rows_c, keep.device)[keep]
-                scale = None if scale is None else scale[keep]
+            holes = (~active[:n_active]).nonzero().squeeze(1) if n_active < n else None
+            if holes is not None and holes.numel() * COMPACT_RATIO <= (n - n_active) * inputs.hidden.shape[1]:
+                order = torch.arange(n_active, device=z.device)
+                if holes.numel():
+                    src = active[n_active:].nonzero().squeeze(1) + n_active
+                    ops.move_rows(z, holes, src)
+                    order[holes] = src
+                z, rows_c = z[:n_active], _arange_rows(rows_c, z.device)[order]
+                scale = None if scale is None else scale[order]
         if scale is not None and inputs.weight.dtype != cd:
             # Half inputs cast dx for their GEMM: E'[y] = -S (1 - p_y) could overflow fp16 (S grows
             # with V), so form dx = a E' first, as the chunked backend does.

@@ -293,15 +293,19 @@ def test_kernel_factored_gradient():
     assert torch.allclose(x * a[:, None], want, atol=1e-14)
 
 
-def test_kernel_compact_and_checks():
+def test_kernel_move_rows_and_checks():
     ops = _native_ops()
-    x = torch.arange(5 * 7, dtype=torch.float32).reshape(5, 7)
-    keep = torch.tensor([1, 3, 4])
-    expected = x[keep].clone()
-    ops.compact(x, keep)
-    assert torch.equal(x[:3], expected)
+    x = torch.arange(6 * 7, dtype=torch.float32).reshape(6, 7)
+    expected = x.clone()
+    expected[[0, 2]] = x[[3, 5]]
+    ops.move_rows(x, torch.tensor([0, 2]), torch.tensor([3, 5]))
+    assert torch.equal(x, expected)
+    with pytest.raises(RuntimeError, match="every dst row before every src row"):
+        ops.move_rows(x, torch.tensor([1, 4]), torch.tensor([3, 5]))  # row 4 would be read after written
     with pytest.raises(RuntimeError, match="ascending"):
-        ops.compact(x, torch.tensor([3, 1]))
+        ops.move_rows(x, torch.tensor([0, 1]), torch.tensor([5, 3]))
+    with pytest.raises(RuntimeError, match="every dst row"):
+        ops.move_rows(x, torch.tensor([0]), torch.tensor([6]))  # out of range
     with pytest.raises(RuntimeError, match="out of range"):
         ops.stats(torch.zeros(2, 7), torch.tensor([0, 7]), None, 1.0, 0.0, 0, False)
     with pytest.raises(RuntimeError, match="float32 or float64"):
@@ -356,9 +360,9 @@ def test_clipped_rows_are_compacted(monkeypatch, loss):
     assert_close(actual, expected, rtol=1e-10, atol=1e-12, what=loss)
     if loss == "psft":
         assert 0.3 < expected.stats["clip_fraction"] < 0.9
-        assert "compact" in spy.calls, "most rows clip: the backend should drop them before the GEMMs"
+        assert "move_rows" in spy.calls, "most rows clip: the backend should drop them before the GEMMs"
     else:
-        assert "compact" not in spy.calls
+        assert "move_rows" not in spy.calls
 
 
 def test_half_inputs_with_a_large_vocabulary():
@@ -405,3 +409,39 @@ def test_blocks_are_balanced_and_bounded():
     assert sizes(2048, 32000, 4096) == [256] * 8  # the D bound
     assert sizes(10, 50, 8, chunk_size=4) == [4, 4, 2]  # an explicit chunk_size is taken as given
     assert sizes(1, 50, 8) == [1]
+
+
+def test_workspace_is_reused_released_and_never_shared(monkeypatch):
+    """The logit blocks live between calls (no page faults per call), give the same results as fresh
+    ones, are freed by pk.empty_cache(), and a call that finds them busy allocates its own."""
+    from psft_kernels import native
+
+    _native_ops()
+    problem = make_problem(batch=(4, 16), D=32, V=97, bias=True)
+    pk.empty_cache()
+    first = run("psft", "native", problem, softcap=5.0)
+    held = {k: v.data_ptr() for k, v in native._WORKSPACE._buffers.items()}
+    assert {role for role, _ in held} == {"z", "slope"}
+    second = run("psft", "native", problem, softcap=5.0)
+    assert {k: v.data_ptr() for k, v in native._WORKSPACE._buffers.items()} == held, "reused, not reallocated"
+    assert_close(second, first, rtol=0, atol=0, what="warm workspace")
+
+    # busy (another thread's call): a private workspace, the shared one untouched
+    before = {k: v.clone() for k, v in native._WORKSPACE._buffers.items()}
+    with native._WORKSPACE._lock:
+        busy = run("psft", "native", problem, softcap=5.0)
+    assert all(torch.equal(native._WORKSPACE._buffers[k], v) for k, v in before.items())
+    assert_close(busy, first, rtol=0, atol=0, what="busy workspace")
+
+    monkeypatch.setenv("PSFT_KERNELS_NATIVE_WORKSPACE", "0")
+    pk.empty_cache()
+    assert_close(run("psft", "native", problem, softcap=5.0), first, rtol=0, atol=0, what="disabled")
+    assert not native._WORKSPACE._buffers, "disabled: nothing kept"
+
+    monkeypatch.delenv("PSFT_KERNELS_NATIVE_WORKSPACE")
+    run("sft", "native", problem)
+    small = native._WORKSPACE._buffers[("z", torch.float64)].numel()
+    run("sft", "native", make_problem(batch=(4, 16), D=16, V=500))  # a larger vocabulary grows the block
+    assert native._WORKSPACE._buffers[("z", torch.float64)].numel() > small
+    pk.empty_cache()
+    assert not native._WORKSPACE._buffers
