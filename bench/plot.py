@@ -140,12 +140,18 @@ def _panel(ax_t, ax_m, rows, loss, colors) -> None:
         ax.grid(axis="y", which="both", alpha=0.3)
 
 
+def _is_measurement_csv(path: str) -> bool:
+    """The sweep's CSVs, not the others that share the folder (``*.inputs.csv``, ``accuracy-*.csv``)."""
+    with open(path, newline="") as f:
+        header = f.readline().strip().split(",")
+    return set(results.COLUMNS) <= set(header)
+
+
 def plot_dir(results_dir: str) -> List[str]:
     written = []
     for path in sorted(glob.glob(os.path.join(results_dir, "*.csv"))):
-        if path.endswith(".inputs.csv"):
-            continue
-        written += plot_csv(path, results_dir)
+        if _is_measurement_csv(path):
+            written += plot_csv(path, results_dir)
     return written
 
 

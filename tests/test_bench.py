@@ -69,6 +69,7 @@ def test_plot_draws_each_case_from_the_csv(tmp_path):
     args = [*TINY, "--isolate", "no", "--loss", "sft", "--mode", "fwd_bwd,logprobs", "--providers", "reference",
             "--results-dir", str(tmp_path)]
     assert cli.main(args) == 0
+    (tmp_path / "accuracy-cpu.csv").write_text("backend,dtype,loss\nchunked,fp32,sft\n")  # another table: ignored
     assert cli.main(["plot", "--results-dir", str(tmp_path)]) == 0
     pngs = sorted(p for p in os.listdir(tmp_path) if p.endswith(".png"))
     assert [p.split("__")[1] for p in pngs] == ["tiny_fp32_zipf_fwd_bwd.png", "tiny_fp32_zipf_logprobs.png"]
