@@ -10,14 +10,10 @@ The protocol for one (provider, case, N), the same on every device:
 3. peak memory of a call, beyond what was allocated before it, minus the outputs it returns
    (loss, gradients, log-probs): what the loss needs on top of its inputs and results. GPU:
    ``torch.cuda.max_memory_allocated`` over one more call. CPU: the process's peak resident set
-   over one more call (``VmHWM``, reset through ``/proc/self/clear_refs`` after returning freed
-   heap pages with ``malloc_trim``); the worker process runs with ``MALLOC_MMAP_THRESHOLD_`` at
-   128 KiB, so glibc maps every larger allocation on its own and unmaps it when freed, and the
-   peak counts live memory rather than what glibc keeps in its heap (in-process runs,
-   ``--isolate no``, keep the default allocator and count that too). Either way
-   ``psft_kernels.empty_cache()`` runs first, so the memory our native backend keeps between
-   calls (its logit blocks) is counted, not hidden in what "was allocated before"; the timed calls
-   find it warm, as a training loop's would;
+   over the first timed call (``VmHWM``, reset through ``/proc/self/clear_refs`` after returning
+   freed heap pages with ``malloc_trim``). Either way ``psft_kernels.empty_cache()`` runs first, so
+   the memory our native backend keeps between calls (its logit blocks) is counted, not hidden in
+   what "was allocated before"; the other timed calls find it warm, as a training loop's would;
 4. time: GPU, CUDA events through ``triton.testing.do_bench`` (median, 20th and 80th
    percentiles); CPU, wall-clock of ``repeats`` calls (same statistics).
 """
@@ -223,29 +219,21 @@ def time_ms(call: Callable, settings: Settings, estimate_ms: float) -> tuple:
     return _quantiles(ms)
 
 
-def _cpu_times(call: Callable[[], List[Tensor]], repeats: int) -> tuple:
-    """Wall-clock (median, p20, p80) of ``repeats`` calls."""
-    ms = []
-    for _ in range(repeats):
+def _cpu_time_and_peak(call: Callable[[], List[Tensor]], repeats: int):
+    """Wall-clock (median, p20, p80) of ``repeats`` calls, and the peak RSS of the first (MiB)."""
+    ms, peak = [], None
+    for r in range(repeats):
         gc.collect()
+        if r == 0:
+            _trim_heap()
+            base = _proc_status_kib("VmRSS") if _reset_peak_rss() else None
         t0 = time.perf_counter()
         outs = call()
         ms.append((time.perf_counter() - t0) * 1e3)
+        if r == 0 and base is not None:
+            peak = max(0.0, (_proc_status_kib("VmHWM") * 1024 - base * 1024 - _nbytes(outs)) / 2 ** 20)
         del outs
-    return _quantiles(ms)
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-
-
-def _heap_recycles_blocks() -> None:
-    """Let glibc serve allocations up to 32 MiB from its heap and recycle them, as it does by
-    default once such blocks have been freed (the worker starts with a 128 KiB threshold, so that
-    the weighed call's peak RSS counts live memory; timing runs with the default behaviour)."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 32 * 2 ** 20)
-    except (OSError, AttributeError):
-        pass
+    return _quantiles(ms), peak
 
 
 def _sync(device: str) -> None:
@@ -318,11 +306,8 @@ def measure(provider_name: str, case: Case, prob: Problem, truth_get, truth_put,
             mem = peak_mib(call, dev)
             h.grad = w.grad = None
             med, p20, p80 = time_ms(call, settings, estimate)
-        else:  # one call weighed, then the timed ones
-            mem = peak_mib(call, dev)
-            h.grad = w.grad = None
-            _heap_recycles_blocks()
-            med, p20, p80 = _cpu_times(call, settings.repeats)
+        else:  # CPU calls are slow: the first timed call is also the one weighed
+            (med, p20, p80), mem = _cpu_time_and_peak(call, settings.repeats)
         return Outcome(N, "ok", ms_median=med, ms_p20=p20, ms_p80=p80, peak_mem_mib=mem, max_abs_err=abs_err,
                        max_rel_err=rel_err)
     except Exception as exc:  # noqa: BLE001 - reported per provider, the sweep goes on

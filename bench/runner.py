@@ -140,7 +140,6 @@ class IsolatedRunner:
             json.dump(job, f)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
-        env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)  # the weighed call counts live memory (measure.py)
         proc = subprocess.run([sys.executable, "-m", "bench.worker", job_path, result_path], cwd=REPO_ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0 or not os.path.exists(result_path):
