@@ -187,12 +187,8 @@ class ChunkedBackend:
             z, zq, dzdx = self._logit_block(inputs, spec, rows_c, slope=with_grads)
             y = inputs.targets[rows_c]
             st = self._chunk_stats(z, y, zq, spec)
-            stats_parts.append(st)
-            if objective is None:
-                continue
-            terms = objective.terms(st, torch.ones_like(y, dtype=torch.bool), rows_c)
-            term_parts.append(terms)
-            if with_grads:
+            terms = self._collect(objective, st, y, rows_c, stats_parts, term_parts)
+            if terms is not None and with_grads:
                 self._chunk_grads(inputs, spec, rows_c, z, y, zq, dzdx, st, terms.coefs, coef_scale, grads, gw, gb)
 
         stats = _scatter_stats(stats_parts, rows, inputs, spec)
@@ -201,6 +197,17 @@ class ChunkedBackend:
             terms = _scatter_terms(term_parts, rows, inputs.num_rows) if term_parts else objective.terms(stats, valid)
         grads = self._finish_grads(inputs, grads, gw, gb) if with_grads else None
         return stats, terms, grads
+
+    @staticmethod
+    def _collect(objective: Optional[Objective], st: TokenStats, y: Tensor, rows_c, stats_parts: list,
+                 term_parts: list) -> Optional[Terms]:
+        """Keep a chunk's statistics and, given an objective, its per-token terms (returned)."""
+        stats_parts.append(st)
+        if objective is None:
+            return None
+        terms = objective.terms(st, torch.ones_like(y, dtype=torch.bool), rows_c)
+        term_parts.append(terms)
+        return terms
 
     def _chunk_grads(self, inputs, spec, rows_c, z, y, zq, dzdx, st, coefs, coef_scale, grads, gw, gb):
         """Gradient of one chunk in the forward pass; rows with zero coefficients are dropped."""

@@ -219,12 +219,8 @@ class NativeBackend(ChunkedBackend):
                 s6 = ops.stats(z, y, zq, inv_t, cap, kl_mode, keep_exp, slope)
                 st = TokenStats(s6[_LSE], s6[_LOGP], s6[_ENTROPY], s6[_REF_LSE] if with_ref else None,
                                 s6[_KL] if with_ref else None)
-                stats_parts.append(st)
-                if objective is None:
-                    continue
-                terms = objective.terms(st, torch.ones_like(y, dtype=torch.bool), rows_c)
-                term_parts.append(terms)
-                if with_grads:
+                terms = self._collect(objective, st, y, rows_c, stats_parts, term_parts)
+                if terms is not None and with_grads:
                     c = terms.coefs
                     coefs = Coefficients(*(None if x is None else x * coef_scale for x in (c.logp, c.entropy, c.kl)))
                     self._block_grads(ops, inputs, spec, rows_c, z, y, zq, slope, s6, coefs, keep_exp, acc)
