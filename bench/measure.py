@@ -10,8 +10,12 @@ The protocol for one (provider, case, N), the same on every device:
 3. peak memory of a call, beyond what was allocated before it, minus the outputs it returns
    (loss, gradients, log-probs): what the loss needs on top of its inputs and results. GPU:
    ``torch.cuda.max_memory_allocated`` over one more call. CPU: the process's peak resident set
-   over the first timed call (``VmHWM``, reset through ``/proc/self/clear_refs`` after returning
-   freed heap pages with ``malloc_trim``). Either way ``psft_kernels.empty_cache()`` runs first, so
+   (``VmHWM``, reset through ``/proc/self/clear_refs`` after returning freed heap pages with
+   ``malloc_trim``) over the first timed call; with one process per provider (the CPU default)
+   that number is then replaced by :func:`weigh`'s, measured in a second process whose glibc maps
+   every allocation above 128 KiB on its own and unmaps it when freed, so that it counts live
+   memory and not what glibc keeps in its heap after frees (timings stay with the default
+   allocator). Either way ``psft_kernels.empty_cache()`` runs first, so
    the memory our native backend keeps between calls (its logit blocks) is counted, not hidden in
    what "was allocated before"; the other timed calls find it warm, as a training loop's would;
 4. time: GPU, CUDA events through ``triton.testing.do_bench`` (median, 20th and 80th
@@ -318,6 +322,24 @@ def measure(provider_name: str, case: Case, prob: Problem, truth_get, truth_put,
     finally:
         del fn, outs
         _free(dev)
+
+
+def weigh(provider_name: str, case: Case, prob: Problem, settings: Settings) -> Optional[float]:
+    """Peak memory of one call after a warm-up call, nothing else (no check, no timing): the CPU
+    runner calls it in a process of its own whose allocator returns large frees at once
+    (``runner.IsolatedRunner``). None if the provider fails here."""
+    fn = None
+    try:
+        fn = PROVIDERS[provider_name].build(case, prob)
+        h, w = leaves(prob, case.mode)
+        run_once(fn, h, w, case.mode)
+        h.grad = w.grad = None
+        return peak_mib(lambda: run_once(fn, h, w, case.mode), settings.device)
+    except Exception:  # noqa: BLE001 - the timing worker has already reported this provider
+        return None
+    finally:
+        del fn
+        _free(settings.device)
 
 
 def floor_ms(prob: Problem, settings: Settings) -> Dict[str, float]:

@@ -13,7 +13,7 @@ import torch
 
 from .measure import Settings
 from .providers import Case
-from .runner import DiskStore, run_outcomes
+from .runner import DiskStore, run_outcomes, weigh_outcomes
 
 
 def main(argv) -> int:
@@ -25,8 +25,11 @@ def main(argv) -> int:
     settings = Settings(**job["settings"])
     store = DiskStore(job["store"], settings.device)
     case = Case(**job["case"])
-    roles = {int(k): v for k, v in job["roles"].items()}
-    result = [o.to_dict() for o in run_outcomes(job["provider"], case, roles, store.problem, store, settings)]
+    if "weigh" in job:  # memory only (runner.IsolatedRunner.run)
+        result = weigh_outcomes(job["provider"], case, job["weigh"], store.problem, settings)
+    else:
+        roles = {int(k): v for k, v in job["roles"].items()}
+        result = [o.to_dict() for o in run_outcomes(job["provider"], case, roles, store.problem, store, settings)]
     with open(result_path, "w") as f:
         json.dump(result, f)
     return 0
