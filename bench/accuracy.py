@@ -29,7 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from helpers import LOSSES, OPTION_SETS, make_problem, run, split_options  # noqa: E402
+from helpers import LOSSES, OPTION_SETS, make_problem, max_err, run, split_options  # noqa: E402
+
+from bench.inputs import EPS_HIGH, EPS_LOW, off_clip_edges  # noqa: E402
 
 import psft_kernels as pk  # noqa: E402
 
@@ -37,25 +39,19 @@ DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, 
 
 
 def _away_from_clip_edges(problem, margin: float = 0.15, **loss_opts):
-    """PSFT's gradient jumps where the ratio crosses ``1 + eps_high`` (or ``1 - eps_low``): a token
-    within rounding of an edge may clip in one precision and not in another, an O(1) difference
-    that says nothing about accuracy. Move each log-ratio within ``margin`` of an edge out of it,
-    as the benchmark's inputs do (bench/inputs.py), using the float64 log-probs."""
+    """Move PSFT's log-ratios (from the float64 log-probs) off both clipping edges, as the
+    benchmark's inputs do (``bench.inputs.off_clip_edges``)."""
     with torch.no_grad():
         opts = {k: v for k, v in loss_opts.items() if k in ("temperature", "softcap")}
         logp, _ = pk.linear_logprobs(problem.hidden, problem.weight, problem.targets, bias=problem.bias,
                                      backend="reference", **opts)
-    log_ratio = logp - problem.old_logprobs
-    for edge in (math.log(1.28), math.log(0.8)):  # eps_high = 0.28, eps_low = 0.2: the defaults
-        near = (log_ratio - edge).abs() < margin
-        log_ratio = torch.where(near, edge + margin * torch.where(log_ratio >= edge, 1.0, -1.0), log_ratio)
-    problem.old_logprobs = logp - log_ratio
+    edges = (math.log1p(EPS_HIGH), math.log1p(-EPS_LOW))  # the losses' default eps
+    problem.old_logprobs = logp - off_clip_edges(logp - problem.old_logprobs, margin, edges)
     return problem
 
 
 def _rel(a: torch.Tensor, truth: torch.Tensor) -> float:
-    scale = truth.double().abs().max().clamp(min=1e-30)
-    return ((a.double() - truth.double()).abs().max() / scale).item()
+    return max_err(a, truth) / max(truth.double().abs().max().item(), 1e-30)
 
 
 def _errors(result, truth):

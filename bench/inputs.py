@@ -63,6 +63,18 @@ class Problem:
                                               "softcap", "info")}
 
 
+def off_clip_edges(log_ratio: Tensor, margin: float, edges=(math.log1p(EPS_HIGH),)) -> Tensor:
+    """``log pi - log pi_old`` with every value within ``margin`` of an edge moved out to
+    ``edge +- margin`` (its side kept). PSFT's gradient jumps where the ratio crosses an edge, so
+    a token within rounding of one may clip under one provider or precision and not another: an
+    O(1) difference in its gradient that says nothing about accuracy. With advantage 1 only the
+    upper edge, ``log(1 + eps_high)``, clips."""
+    for edge in edges:
+        near = (log_ratio - edge).abs() < margin
+        log_ratio = torch.where(near, torch.where(log_ratio < edge, edge - margin, edge + margin), log_ratio)
+    return log_ratio
+
+
 def _softcap(z: Tensor, softcap: Optional[float]) -> Tensor:
     return z if softcap is None else softcap * torch.tanh(z / softcap)
 
@@ -163,9 +175,7 @@ def make_problem(weight: Tensor, weight_info: dict, N: int, *, seed: int = 0, so
 
     margin = 0.15 if dtype == torch.bfloat16 else 0.05
     threshold = math.log1p(EPS_HIGH)
-    log_ratio = -old_noise * torch.randn(N, device=device, generator=gen)  # logp - old
-    band = (log_ratio - threshold).abs() < margin
-    log_ratio = torch.where(band, torch.where(log_ratio < threshold, threshold - margin, threshold + margin), log_ratio)
+    log_ratio = off_clip_edges(-old_noise * torch.randn(N, device=device, generator=gen), margin)  # logp - old
     old = torch.where(valid, logp - log_ratio, torch.zeros((), device=device))
     clipped = (log_ratio > threshold) & valid  # advantage 1: only the upper side clips
 
