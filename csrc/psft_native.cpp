@@ -444,7 +444,8 @@ void dlogits_rows(T* z, int64_t ldz, const T* zq, int64_t ldq, const T* slope, i
     const T* qr = KL ? zq + i * ldq : nullptr;
     const T* sr = CAP ? slope + i * lds : nullptr;
     const int64_t target = y[i];
-    TORCH_CHECK(target >= 0 && target < V, "psft_native.dlogits: target ", target, " out of range [0, ", V, ")");
+    // -1: the target lies in another shard of the vocabulary (vocab_parallel): no one-hot term here.
+    TORCH_CHECK(target >= -1 && target < V, "psft_native.dlogits: target ", target, " out of range [-1, ", V, ")");
     const T lse = st[kLse * n + i], H = st[kEntropy * n + i];
     const T ref_lse = st[kRefLse * n + i], kl = st[kKl * n + i];
     const T g = gs ? gs[i] : T(0), e = ENT ? es[i] : T(0), k = KL ? ks[i] : T(0);
@@ -465,7 +466,7 @@ void dlogits_rows(T* z, int64_t ldz, const T* zq, int64_t ldq, const T* slope, i
                         CAP ? load_part(sr + full, tail, T(0)) : vec_t<T>{});
       store_part(zr + full, d, tail);
     }
-    zr[target] += g * (CAP ? sr[target] : inv_temp);  // the onehot term, through the same chain rule
+    if (target >= 0) zr[target] += g * (CAP ? sr[target] : inv_temp);  // the onehot term, same chain rule
   }
 }
 

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from . import _validation as V
 from . import backends, reference
+from . import vocab_parallel as _vp
 from ._types import HeadSpec
 from .autograd import Plan, run_logprobs, run_loss
 from .objectives import Objective, build_stats
@@ -38,13 +39,15 @@ def _spec(temperature, softcap, ignore_index, chunk_size, kl_direction=None, fil
     )
 
 
-def _resolve(backend, hidden, weight, targets, bias, ignore_index, **ref):
+def _resolve(backend, hidden, weight, targets, bias, ignore_index, vocab_parallel=None, **ref):
     """Validate the head, pick the backend, then check target ranges unless the backend does.
 
     The range check reads a flag back to the host; a backend whose kernels handle bad targets
     without reading out of bounds (Triton on CUDA) skips it, keeping the forward sync-free.
     """
     inputs, batch_shape = V.check_head(hidden, weight, targets, bias, ignore_index, check_range=False, **ref)
+    if vocab_parallel is not None:  # targets are global ids: the merge checks them against the shards
+        return _vp.resolve(backend, inputs, int(ignore_index), vocab_parallel), inputs, batch_shape
     be = backends.resolve(backend, inputs.hidden.device)
     skips = getattr(be, "skips_host_target_check", None)
     if skips is None or not skips(inputs.hidden.device):
@@ -65,6 +68,7 @@ def linear_logprobs(
     chunk_size: Optional[int] = None,
     filter_eps: Optional[float] = None,
     deterministic: bool = False,
+    vocab_parallel=None,  # pk.VocabParallel(group, start) or (group, start): weight is a vocabulary shard
 ):
     """Per-token log-probability of the target and full-vocabulary entropy, both differentiable.
 
@@ -77,11 +81,15 @@ def linear_logprobs(
     V.check_choice("backend", backend, V.BACKENDS)
     V.check_filter_eps(filter_eps)
     V.check_bool("deterministic", deterministic)
+    vp, hidden, weight, bias, _, _, _ = _vp.localize(vocab_parallel, hidden, weight, bias)
     if backend == "reference":
+        if vp is not None:
+            return _vp.reference("logprobs", vp, hidden, weight, targets, bias=bias, temperature=temperature,
+                                 softcap=softcap, ignore_index=ignore_index)
         return reference.linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                                          softcap=softcap, ignore_index=ignore_index)
     spec = _spec(temperature, softcap, ignore_index, chunk_size, filter_eps=filter_eps, deterministic=deterministic)
-    be, inputs, batch_shape = _resolve(backend, hidden, weight, targets, bias, ignore_index)
+    be, inputs, batch_shape = _resolve(backend, hidden, weight, targets, bias, ignore_index, vp)
     plan = Plan(be, spec, inputs)
     logp, entropy = run_logprobs(plan)
     return logp.reshape(batch_shape), entropy.reshape(batch_shape)
@@ -89,8 +97,8 @@ def linear_logprobs(
 
 def _loss(kind, hidden, weight, targets, *, bias, entropy_coef, temperature, softcap, ignore_index, reduction,
           num_items_in_batch, backend, return_stats, chunk_size, filter_eps, deterministic, ref=None,
-          kl_direction=None, **objective):
-    be, inputs, batch_shape = _resolve(backend, hidden, weight, targets, bias, ignore_index,
+          kl_direction=None, vocab_parallel=None, **objective):
+    be, inputs, batch_shape = _resolve(backend, hidden, weight, targets, bias, ignore_index, vocab_parallel,
                                        need_ref=ref is not None, **(ref or {}))
     spec = _spec(temperature, softcap, ignore_index, chunk_size, kl_direction, filter_eps, deterministic)
     device = inputs.hidden.device
@@ -138,6 +146,7 @@ def linear_sft_loss(
     chunk_size: Optional[int] = None,
     filter_eps: Optional[float] = None,
     deterministic: bool = False,
+    vocab_parallel=None,  # pk.VocabParallel(group, start) or (group, start): weight is a vocabulary shard
 ):
     """Cross-entropy of the lm-head, fused.
 
@@ -150,10 +159,14 @@ def linear_sft_loss(
     kw = dict(bias=bias, entropy_coef=entropy_coef, temperature=temperature, softcap=softcap,
               ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
               return_stats=return_stats)
+    vp, hidden, weight, bias, _, _, _ = _vp.localize(vocab_parallel, hidden, weight, bias)
+    kw["bias"] = bias
     if backend == "reference":
+        if vp is not None:
+            return _vp.reference("sft", vp, hidden, weight, targets, **kw)
         return reference.linear_sft_loss(hidden, weight, targets, **kw)
     return _loss("sft", hidden, weight, targets, backend=backend, chunk_size=chunk_size, filter_eps=filter_eps,
-                 deterministic=deterministic, **kw)
+                 deterministic=deterministic, vocab_parallel=vp, **kw)
 
 
 def linear_dft_loss(
@@ -173,6 +186,7 @@ def linear_dft_loss(
     chunk_size: Optional[int] = None,
     filter_eps: Optional[float] = None,
     deterministic: bool = False,
+    vocab_parallel=None,  # pk.VocabParallel(group, start) or (group, start): weight is a vocabulary shard
 ):
     """Dynamic Fine-Tuning: per token ``-p.detach() * logp`` with ``p = exp(logp)``.
 
@@ -184,10 +198,14 @@ def linear_dft_loss(
     kw = dict(bias=bias, entropy_coef=entropy_coef, temperature=temperature, softcap=softcap,
               ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
               return_stats=return_stats)
+    vp, hidden, weight, bias, _, _, _ = _vp.localize(vocab_parallel, hidden, weight, bias)
+    kw["bias"] = bias
     if backend == "reference":
+        if vp is not None:
+            return _vp.reference("dft", vp, hidden, weight, targets, **kw)
         return reference.linear_dft_loss(hidden, weight, targets, **kw)
     return _loss("dft", hidden, weight, targets, backend=backend, chunk_size=chunk_size, filter_eps=filter_eps,
-                 deterministic=deterministic, **kw)
+                 deterministic=deterministic, vocab_parallel=vp, **kw)
 
 
 def linear_psft_loss(
@@ -211,6 +229,7 @@ def linear_psft_loss(
     chunk_size: Optional[int] = None,
     filter_eps: Optional[float] = None,
     deterministic: bool = False,
+    vocab_parallel=None,  # pk.VocabParallel(group, start) or (group, start): weight is a vocabulary shard
 ):
     """Proximal SFT: the PPO clipped surrogate with ``r = exp(logp - old_logprobs)``, advantage A.
 
@@ -227,10 +246,14 @@ def linear_psft_loss(
     kw = dict(bias=bias, entropy_coef=entropy_coef, temperature=temperature, softcap=softcap,
               ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
               return_stats=return_stats, advantages=advantages, eps_low=eps_low, eps_high=eps_high)
+    vp, hidden, weight, bias, _, _, _ = _vp.localize(vocab_parallel, hidden, weight, bias)
+    kw["bias"] = bias
     if backend == "reference":
+        if vp is not None:
+            return _vp.reference("psft", vp, hidden, weight, targets, old_logprobs=old_logprobs, **kw)
         return reference.linear_psft_loss(hidden, weight, targets, old_logprobs, **kw)
     return _loss("psft", hidden, weight, targets, backend=backend, chunk_size=chunk_size, filter_eps=filter_eps,
-                 deterministic=deterministic, old_logprobs=old_logprobs, **kw)
+                 deterministic=deterministic, old_logprobs=old_logprobs, vocab_parallel=vp, **kw)
 
 
 def linear_asft_loss(
@@ -255,6 +278,7 @@ def linear_asft_loss(
     chunk_size: Optional[int] = None,
     filter_eps: Optional[float] = None,
     deterministic: bool = False,
+    vocab_parallel=None,  # pk.VocabParallel(group, start) or (group, start): weight is a vocabulary shard
 ):
     """Anchored SFT: DFT plus ``kl_coef * KL`` to a frozen reference model, over the full vocabulary.
 
@@ -269,8 +293,14 @@ def linear_asft_loss(
     kw = dict(bias=bias, entropy_coef=entropy_coef, temperature=temperature, softcap=softcap,
               ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
               return_stats=return_stats, kl_coef=kl_coef, kl_direction=kl_direction)
+    vp, hidden, weight, bias, ref_hidden, ref_weight, ref_bias = _vp.localize(
+        vocab_parallel, hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    kw["bias"] = bias
     if backend == "reference":
+        if vp is not None:
+            return _vp.reference("asft", vp, hidden, weight, targets, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                                 ref_bias=ref_bias, **kw)
         return reference.linear_asft_loss(hidden, weight, targets, ref_hidden, ref_weight, ref_bias=ref_bias, **kw)
     return _loss("asft", hidden, weight, targets, backend=backend, chunk_size=chunk_size, filter_eps=filter_eps,
                  deterministic=deterministic, ref=dict(ref_hidden=ref_hidden, ref_weight=ref_weight,
-                                                       ref_bias=ref_bias), **kw)
+                                                       ref_bias=ref_bias), vocab_parallel=vp, **kw)

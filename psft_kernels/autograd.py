@@ -90,7 +90,9 @@ class LinearLossFunction(torch.autograd.Function):
         valid = inputs.targets != plan.spec.ignore_index
         num_valid = valid.sum()
         ctx.plan = plan
-        ctx.precomputed = plan.reduction != "none" and needs.any()
+        # A backend that needs merged statistics first (vocab_parallel) forms its gradients in backward.
+        ctx.precomputed = (plan.reduction != "none" and needs.any()
+                           and not getattr(plan.backend, "grads_in_backward", False))
         if ctx.precomputed:
             scale = token_weight(plan.reduction, num_valid, plan.num_items_in_batch)
             stats, terms, grads = plan.backend.forward(inputs, plan.spec, plan.objective, scale, needs)

@@ -107,12 +107,17 @@ class ChunkedBackend:
             ent = (log_p + stats.entropy[:, None]).mul_(dz).mul_(-coefs.entropy[:, None])
         g = coefs.logp if coefs.logp is not None else torch.zeros_like(stats.lse)
         dz.mul_(-g[:, None])  # g (onehot - p)
-        dz[torch.arange(dz.shape[0], device=dz.device), y] += g
+        self._add_onehot(dz, y, g)
         if coefs.entropy is not None:
             dz.add_(ent)
         if coefs.kl is not None:
             dz.add_(term)
         return self._through_transform(dz, dzdx, spec)
+
+    @staticmethod
+    def _add_onehot(dz: Tensor, y: Tensor, g: Tensor) -> None:
+        """``dz[i, y_i] += g_i`` (a hook: a vocabulary shard skips targets held by another shard)."""
+        dz[torch.arange(dz.shape[0], device=dz.device), y] += g
 
     @staticmethod
     def _through_transform(dz: Tensor, dzdx: Optional[Tensor], spec: HeadSpec) -> Tensor:

@@ -12,7 +12,8 @@ from . import api
 
 class _LinearLoss(nn.Module):
     def __init__(self, *, entropy_coef=0.0, temperature=1.0, softcap=None, ignore_index=-100, reduction="mean",
-                 backend="auto", return_stats=False, chunk_size=None, filter_eps=None, deterministic=False):
+                 backend="auto", return_stats=False, chunk_size=None, filter_eps=None, deterministic=False,
+                 vocab_parallel=None):
         super().__init__()
         # Fail at construction, not at the first training step.
         V.check_real("entropy_coef", entropy_coef)
@@ -26,7 +27,7 @@ class _LinearLoss(nn.Module):
         self.options = dict(entropy_coef=entropy_coef, temperature=temperature, softcap=softcap,
                             ignore_index=ignore_index, reduction=reduction, backend=backend,
                             return_stats=return_stats, chunk_size=chunk_size, filter_eps=filter_eps,
-                            deterministic=deterministic)
+                            deterministic=deterministic, vocab_parallel=vocab_parallel)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -161,6 +161,9 @@ def _arange_rows(rows_c, device) -> Tensor:
 
 class NativeBackend(ChunkedBackend):
     name = "native"
+    # The backward may recompute the statistics instead of reading the saved ones (see _factored);
+    # a vocabulary shard, whose saved statistics are the full vocabulary's, turns that off.
+    factored_gradient = True
 
     def __init__(self):
         self._fallback = ChunkedBackend()  # with its own (smaller) chunks, if the kernel can't load
@@ -246,7 +249,7 @@ class NativeBackend(ChunkedBackend):
         acc = _Accumulator(inputs, needs, block_rows)
         if not rows.numel():
             return acc.finish(inputs)
-        factored = _factored(spec, coefs)
+        factored = self.factored_gradient and _factored(spec, coefs)
         with_ref = coefs.kl is not None
         inv_t, cap, kl_mode = _options(spec)
         with _WORKSPACE.lease() as ws:
