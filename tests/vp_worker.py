@@ -23,8 +23,10 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for bench
 
 import psft_kernels as pk  # noqa: E402
+from bench.tp import CollectiveLog  # noqa: E402 (wraps the real ProcessGroup's methods)
 from helpers import (FUNCTIONS, OPTION_SETS, Result, assert_close, assert_matches_truth, make_problem, run,  # noqa: E402
                      split_options)
 
@@ -38,51 +40,6 @@ BACKENDS = ("reference", "chunked", "native")
 # ----------------------------------------------------------------------------------------------
 # Counting the collectives: the real gloo ProcessGroup's methods, wrapped
 # ----------------------------------------------------------------------------------------------
-
-_PG_METHODS = ("allreduce", "allreduce_coalesced", "allgather", "allgather_coalesced", "allgather_into_tensor_coalesced",
-               "all_gather_single", "all_to_all_single", "alltoall", "alltoall_base", "barrier", "broadcast",
-               "gather", "reduce", "reduce_scatter", "reduce_scatter_single", "reduce_scatter_tensor_coalesced",
-               "scatter", "send", "recv")
-
-
-def _tensor_bytes(x) -> int:
-    if isinstance(x, torch.Tensor):
-        return x.numel() * x.element_size()
-    if isinstance(x, (list, tuple)):
-        return sum(_tensor_bytes(t) for t in x)
-    return 0
-
-
-class CollectiveLog:
-    """While active, every call of a communication method of any ProcessGroup is recorded as
-    ``(method, reduce op, bytes sent by this rank)``."""
-
-    def __init__(self):
-        self.calls = []
-        self._saved = {}
-
-    def __enter__(self):
-        pg_class = torch._C._distributed_c10d.ProcessGroup
-        for name in _PG_METHODS:
-            original = getattr(pg_class, name, None)
-            if original is None:
-                continue
-            self._saved[name] = original
-
-            def wrapped(pg, *args, _name=name, _original=original, **kwargs):
-                op = next((a.reduceOp for a in args if hasattr(a, "reduceOp")), None)
-                op = next((k for k in ("SUM", "MAX", "MIN", "PRODUCT", "AVG") if op == getattr(dist.ReduceOp, k)), "")
-                self.calls.append((_name, op, _tensor_bytes(args[0]) if args else 0))
-                return _original(pg, *args, **kwargs)
-
-            setattr(pg_class, name, wrapped)
-        return self
-
-    def __exit__(self, *exc):
-        pg_class = torch._C._distributed_c10d.ProcessGroup
-        for name, original in self._saved.items():
-            setattr(pg_class, name, original)
-
 
 # ----------------------------------------------------------------------------------------------
 # Running one case
