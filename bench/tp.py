@@ -9,7 +9,8 @@ R processes on gloo (CPU) each hold ``V / R`` rows of the head and run one PSFT 
 * ``gather_logits``: what a plain implementation does: the shard's logits, all-gathered to the full
   ``N x V`` on every rank, then the loss in eager PyTorch (autograd slices the gradient back).
 
-Per rank: the median step time over ``--repeats`` (after one warm-up), the peak resident memory
+Per rank: the median step time (wall, and CPU time of the process, less sensitive to other jobs
+on the machine) over ``--repeats`` (after one warm-up), the peak resident memory
 above what the process held before its first step (``ru_maxrss``: a high-water mark, so each mode
 runs in its own processes), and the collectives and bytes of one step, counted by wrapping the gloo
 ProcessGroup's methods (bytes: this rank's payload, what it puts into the collective; a ring
@@ -134,16 +135,18 @@ def _worker(rank, world, mode, backend, N, D, V, repeats, threads, out_dir):
     rss0 = _rss_bytes()
     with CollectiveLog() as log:
         step()  # warm-up (and the native kernel's workspace)
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
         if world > 1:
             dist.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
     with open(os.path.join(out_dir, f"{mode}-{rank}.txt"), "w") as f:
-        f.write(f"{statistics.median(times)} {peak} {len(log.calls)} {sum(c[-1] for c in log.calls)}\n")
+        f.write(f"{statistics.median(times)} {statistics.median(cpu)} {peak} {len(log.calls)} "
+                f"{sum(c[-1] for c in log.calls)}\n")
     if world > 1:
         dist.destroy_process_group()
 
@@ -154,8 +157,8 @@ def measure(mode, backend, world, N, D, V, repeats, threads):
         rows = []
         for r in range(world):
             with open(os.path.join(d, f"{mode}-{r}.txt")) as f:
-                t, peak, calls, nbytes = f.read().split()
-                rows.append((float(t), int(peak), int(calls), int(nbytes)))
+                t, cpu, peak, calls, nbytes = f.read().split()
+                rows.append((float(t), int(peak), int(calls), int(nbytes), float(cpu)))
     return rows
 
 
@@ -172,13 +175,14 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     plan = [("unsharded", a.backend, 1), ("fused", a.backend, a.ranks), ("gather_logits", "-", a.ranks)]
-    results = {}
+    results, load = {}, {}
     for mode, backend, world in plan:
         results[mode] = measure(mode, backend, world, a.N, a.D, a.V, a.repeats, a.threads)
-    base = results["unsharded"][0][0]
+        load[mode] = round(os.getloadavg()[0], 2)  # other jobs on the machine make wall times noise
+    base, base_cpu = results["unsharded"][0][0], results["unsharded"][0][4]
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     fields = ["date", "mode", "backend", "ranks", "threads_per_rank", "N", "D", "V", "time_ms_max_rank",
-              "time_vs_unsharded", "peak_extra_mib_max_rank", "collectives_per_step", "payload_bytes_per_step",
+              "time_vs_unsharded", "cpu_ms_max_rank", "cpu_vs_unsharded", "load_avg_1min", "peak_extra_mib_max_rank", "collectives_per_step", "payload_bytes_per_step",
               "payload_bytes_per_token"]
     new = not os.path.exists(a.out)
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
@@ -188,9 +192,11 @@ def main(argv=None) -> int:
             w.writeheader()
         for (mode, backend, world) in plan:
             rows = results[mode]
-            t = max(r[0] for r in rows)
+            t, c = max(r[0] for r in rows), max(r[4] for r in rows)
             row = dict(date=stamp, mode=mode, backend=backend, ranks=world, threads_per_rank=a.threads, N=a.N, D=a.D,
                        V=a.V, time_ms_max_rank=round(t * 1e3, 1), time_vs_unsharded=round(t / base, 3),
+                       cpu_ms_max_rank=round(c * 1e3, 1), cpu_vs_unsharded=round(c / base_cpu, 3),
+                       load_avg_1min=load[mode],
                        peak_extra_mib_max_rank=round(max(r[1] for r in rows) / 2 ** 20, 1),
                        collectives_per_step=rows[0][2], payload_bytes_per_step=rows[0][3],
                        payload_bytes_per_token=round(rows[0][3] / a.N, 1))
