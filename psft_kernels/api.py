@@ -9,6 +9,11 @@ Two options concern only how gradients are computed, and only the Triton backend
 * ``filter_eps``: None (default, exact) or a threshold such as ``2**-12``: skip gradient tiles
   in which every probability is below it (Cut Cross-Entropy's gradient filtering).
 * ``deterministic``: True forbids float atomics (bitwise-reproducible gradients).
+
+``vocab_parallel=pk.VocabParallel(group, start)`` (or ``(group, start)``, or a ``Shard(0)`` DTensor
+weight) says that ``weight`` / ``bias`` (and ``ref_weight`` / ``ref_bias``) hold rows
+``[start, start + V_local)`` of a head sharded across ``group``; targets stay global ids and every
+rank gets the unsharded results (:mod:`psft_kernels.vocab_parallel`, docs/vocab_parallel.md).
 """
 
 from __future__ import annotations
