@@ -73,5 +73,6 @@ def test_unsharded_callers_are_unchanged():
     a = run("psft", "chunked", problem)
     b = run("psft", "chunked", problem, vocab_parallel=None)
     assert torch.equal(a.loss, b.loss) and all(torch.equal(a.grads[k], b.grads[k]) for k in a.grads)
-    with pytest.raises(RuntimeError, match="init_process_group"):
-        pk.linear_sft_loss(problem.hidden, problem.weight, problem.targets, vocab_parallel=(None, 0))
+    if not dist.is_initialized():  # another test of the session may have made a default group
+        with pytest.raises(RuntimeError, match="init_process_group"):
+            pk.linear_sft_loss(problem.hidden, problem.weight, problem.targets, vocab_parallel=(None, 0))
