@@ -208,7 +208,21 @@ def group_of_one_case():
                 vp = run(loss, backend, problem, vocab_parallel=(mine, 0))
                 assert_close(vp, plain, rtol=0, atol=0)
 
-    return [("group_of_one", case)]
+    pair = dist.new_group([0, 1])  # a group that is not the default one (all ranks must create it)
+
+    def subgroup_case():
+        """vocab_parallel's group is the one used: ranks 0 and 1 split the head, the others idle."""
+        if dist.get_rank() > 1:
+            return
+        problem = make_problem(V=V, ref=True, bias=True, seed=37)
+        start, stop = [(0, 26), (26, V)][dist.get_rank()]
+        for loss in ("psft", "asft"):
+            opts = dict(kl_coef=0.2) if loss == "asft" else {}
+            truth = sliced_truth(run(loss, "reference", problem, **opts), start, stop)
+            local = shard(problem, start, stop)
+            assert_close(run(loss, "chunked", local, vocab_parallel=(pair, start), **opts), truth, **TIGHT)
+
+    return [("group_of_one", case), ("subgroup", subgroup_case)]
 
 
 def module_and_dtensor_cases(world):
