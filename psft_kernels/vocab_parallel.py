@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import sys
 from typing import Optional, Tuple
 
 import torch
@@ -56,11 +57,9 @@ class VocabParallel:
 
 
 def _is_dtensor(x) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without DTensor
-        return False
-    return isinstance(x, DTensor)
+    # No DTensor can exist before its module is imported: don't import it (slow) for plain callers.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(x, getattr(module, "DTensor", ()))
 
 
 def _dtensor_shard(weight) -> VocabParallel:
