@@ -215,6 +215,16 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
+def is_built() -> bool:
+    """The kernel is loaded or its library is in the cache (loading it will not compile)."""
+    if _state.ops is not None:
+        return True
+    try:
+        return (_config().directory / LIBRARY_NAME).is_file()
+    except RuntimeError:
+        return False
+
+
 class _FileLock:
     """An exclusive lock held by this process (released by the OS if the process dies)."""
 
