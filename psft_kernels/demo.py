@@ -1,18 +1,19 @@
-"""``python -m psft_kernels``: every loss on an lm-head, fused vs eager PyTorch, in under a minute.
+"""``python -m psft_kernels``: every loss on an lm-head, fused vs eager PyTorch, in about a minute.
 
 Inputs: seeded hidden states and lm-heads whose logits have a mean token entropy of about 3 nats
 (a typical LLM's; the head's scale is calibrated for that, and the value is printed), targets
 sampled from the model's own distribution, pi_old log-probs near the current ones.
 
 For each backend (eager PyTorch, i.e. the reference, and the fused backend ``backend="auto"``
-picks here, or those named by ``--backends``) one fresh process runs every loss twice, forward and backward: the first call is weighed (its peak
-memory beyond the inputs and gradients: the CUDA allocator's, or the resident set with glibc
-returning large frees at once, so that it counts live memory), the second timed (kernels loaded,
-as on every training step but the first). The parent checks each fused loss and gradient against
-eager PyTorch's, prints a table, and ends with a one-line summary. Defaults: 4 x 256 tokens,
-D=512, V=32000 (a 125 MiB fp32 logit tensor for eager PyTorch), fp32, on the CPU (``--device
-cuda`` where there is one); sized to finish within a minute on 2 idle cores. The first run on a CPU
-also compiles the native kernel (about 20 s, cached for later runs).
+picks here, or those named by ``--backends``) one fresh process runs every loss twice, forward
+and backward: the first call is weighed (its peak memory beyond the inputs and gradients: the
+CUDA allocator's, or the resident set with glibc returning large frees at once, so that it counts
+live memory), the second timed (kernels loaded, as on every training step but the first). The
+parent checks each fused loss and gradient against eager PyTorch's, prints a table, and ends with
+a one-line summary. Defaults: 4 x 256 tokens, D=512, V=32000 (a 125 MiB fp32 logit tensor for
+eager PyTorch), fp32, on the CPU (``--device cuda`` where there is one), chosen to keep a first
+run near a minute on 2 idle cores. That first run on a CPU also compiles the native kernel
+(about 20 s, cached for later runs).
 """
 
 from __future__ import annotations

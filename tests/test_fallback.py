@@ -11,7 +11,6 @@ import textwrap
 import warnings
 from pathlib import Path
 
-import pytest
 import torch
 
 import psft_kernels as pk

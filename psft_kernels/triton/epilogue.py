@@ -184,7 +184,8 @@ def head_epilogue(
         ptr("loss"), ptr("g"), ptr("e"), ptr("k"), ptr("ratio"), ptr("blocked_high"), ptr("blocked_low"),
         n, vocab_size, part.shape[1], part.stride(0), part.stride(1), targets.stride(0), ignore_index,
         float(entropy_coef), float(kl_coef), 1.0 - eps_low, 1.0 + eps_high, float(adv_scalar), LOG_RATIO_CLAMP,
-        float(clip_ratio_c), DUAL_CLIP=clip_ratio_c > 0, KIND=code, HAS_REF=has_ref, KL_FORWARD=kl_forward, HAS_OLD=old_logprobs is not None,
+        float(clip_ratio_c), DUAL_CLIP=clip_ratio_c > 0,
+        KIND=code, HAS_REF=has_ref, KL_FORWARD=kl_forward, HAS_OLD=old_logprobs is not None,
         HAS_ADV=advantages is not None, HAS_ENTROPY_COEF=has_e, HAS_KL_COEF=has_k, BLOCK=BLOCK,
     )
     return out
