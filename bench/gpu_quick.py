@@ -87,7 +87,7 @@ def make_inputs(n, d, v, kind, entropy, zipf, dtype, device, seed=0):
     h, w = h.to(dtype), w.to(dtype)
     with torch.no_grad():
         logp, ent = pk.linear_logprobs(h, w, targets, backend="chunked")
-    old = logp + 0.3 * torch.randn(n, generator=g, device=device)
+    old = (logp + 0.3 * torch.randn(n, generator=g, device=device)).clamp(max=0.0)  # log-probs: <= 0
     return h, w, targets, old, float(ent.mean())
 
 

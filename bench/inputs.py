@@ -176,7 +176,8 @@ def make_problem(weight: Tensor, weight_info: dict, N: int, *, seed: int = 0, so
     margin = 0.15 if dtype == torch.bfloat16 else 0.05
     threshold = math.log1p(EPS_HIGH)
     log_ratio = off_clip_edges(-old_noise * torch.randn(N, device=device, generator=gen), margin)  # logp - old
-    old = torch.where(valid, logp - log_ratio, torch.zeros((), device=device))
+    old = torch.where(valid, logp - log_ratio, torch.zeros((), device=device)).clamp(max=0.0)  # log-probs: <= 0
+    log_ratio = logp - old  # A = 1 clips above 1 + eps_high only: a ratio cut down to pi never lands there
     clipped = (log_ratio > threshold) & valid  # advantage 1: only the upper side clips
 
     ref_hidden = hidden.float()

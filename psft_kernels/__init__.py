@@ -7,7 +7,7 @@ See README.md and docs/method.md.
 """
 
 from .api import linear_asft_loss, linear_dft_loss, linear_logprobs, linear_psft_loss, linear_sft_loss
-from .backends import BackendUnavailableError, auto_backend_name, available_backends
+from .backends import BackendFallbackWarning, BackendUnavailableError, auto_backend_name, available_backends
 from .modules import LinearASFTLoss, LinearDFTLoss, LinearPSFTLoss, LinearSFTLoss
 from .vocab_parallel import VocabParallel
 
@@ -34,6 +34,7 @@ __all__ = [
     "LinearASFTLoss",
     "VocabParallel",
     "BackendUnavailableError",
+    "BackendFallbackWarning",
     "available_backends",
     "auto_backend_name",
     "empty_cache",

@@ -38,6 +38,8 @@ from typing import List, Optional
 
 import torch
 
+from .backends import BackendFallbackWarning, mark_warned
+
 ENV_DISABLE = "PSFT_KERNELS_NO_NATIVE"
 ENV_REBUILD = "PSFT_KERNELS_REBUILD_NATIVE"
 ENV_CACHE = "PSFT_KERNELS_CACHE_DIR"
@@ -59,7 +61,7 @@ log = logging.getLogger("psft_kernels")
 _STARTED = time.time()  # a forced rebuild is skipped if another process rebuilt after this
 
 
-class NativeBuildWarning(UserWarning):
+class NativeBuildWarning(BackendFallbackWarning):
     """The native CPU kernel could not be built or loaded; the chunked backend is used instead."""
 
 
@@ -85,6 +87,11 @@ _lock = threading.Lock()
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def disabled_by_env() -> bool:
+    """``PSFT_KERNELS_NO_NATIVE`` is set: the user chose not to use the kernel."""
+    return _flag(ENV_DISABLE)
 
 
 def cache_root() -> Path:
@@ -208,6 +215,16 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
+def is_built() -> bool:
+    """The kernel is loaded or its library is in the cache (loading it will not compile)."""
+    if _state.ops is not None:
+        return True
+    try:
+        return (_config().directory / LIBRARY_NAME).is_file()
+    except RuntimeError:
+        return False
+
+
 class _FileLock:
     """An exclusive lock held by this process (released by the OS if the process dies)."""
 
@@ -284,8 +301,11 @@ def load_ops():
             except Exception as exc:  # a broken toolchain must never crash the caller
                 reason = str(exc)
         _state.error = reason
-        warnings.warn(f"psft_kernels: the native CPU kernel is unavailable ({reason}); using the chunked PyTorch "
-                      f"backend instead. Set {ENV_DISABLE}=1 to skip it.", NativeBuildWarning, stacklevel=3)
+        mark_warned("native")  # one warning per process for this fallback, from here or from "auto"
+        warnings.warn(f"psft_kernels: the native CPU kernel is unavailable ({reason}); the slower chunked PyTorch "
+                      f"backend computes the loss instead. To use the kernel: install a C++ compiler (g++ or "
+                      f"clang++) or point CXX at a working one. To choose chunked and silence this warning: set "
+                      f"{ENV_DISABLE}=1 or pass backend='chunked'.", NativeBuildWarning, stacklevel=3)
         return None
 
 

@@ -59,6 +59,24 @@ def check_nonnegative(name: str, value) -> float:
     return v
 
 
+def check_eps_low(value) -> float:
+    """PSFT's ``eps_low`` in [0, 1): the ratio floor ``1 - eps_low`` must stay positive."""
+    v = check_nonnegative("eps_low", value)
+    if v >= 1.0:
+        raise ValueError(f"eps_low must be < 1 (the ratio floor 1 - eps_low must be > 0); got {v}")
+    return v
+
+
+def check_clip_ratio_c(value) -> Optional[float]:
+    """Dual clip of negative advantages: None (off) or a bound ``c > 1`` on the ratio (verl: 3)."""
+    if value is None:
+        return None
+    v = _as_real("clip_ratio_c", value)
+    if v <= 1.0:
+        raise ValueError(f"clip_ratio_c must be None (off) or > 1 (verl's default is 3.0); got {v}")
+    return v
+
+
 def check_chunk_size(value) -> Optional[int]:
     if value is None:
         return None
@@ -85,8 +103,18 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
-def check_num_items(value):
-    """``num_items_in_batch``: None, a positive number, or a tensor (used as is, clamped >= 1)."""
+def check_num_items(value, reduction: str = "mean"):
+    """``num_items_in_batch``: None, a positive number, or a tensor (used as is, clamped >= 1).
+
+    Given, it divides the sum of the per-token losses (Hugging Face's meaning, for ``"mean"``
+    and ``"sum"`` alike); with ``reduction="none"`` there is nothing to divide: an error.
+    """
+    if value is not None and reduction == "none":
+        raise ValueError(
+            "num_items_in_batch must be None with reduction='none' (it divides the summed loss); "
+            f"got num_items_in_batch={value!r}. Use reduction='sum' or 'mean' with it, or divide "
+            "the per-token losses yourself"
+        )
     if value is None or isinstance(value, Tensor):
         if isinstance(value, Tensor) and value.numel() != 1:
             raise ValueError(
@@ -186,6 +214,15 @@ def check_head(
     named = {"hidden": hidden, "weight": weight, "targets": targets, "bias": bias,
              "ref_hidden": ref_hidden, "ref_weight": ref_weight, "ref_bias": ref_bias}
     for name, t in named.items():
+        # Meta tensors (a model built under torch.device("meta") / init_empty_weights and not yet
+        # loaded) have shapes but no values: nothing here could be computed from them.
+        if t is not None and t.device.type == "meta":
+            raise ValueError(
+                f"{name} is on the meta device (shape {tuple(t.shape)}, no data): the loss needs real "
+                "values. Load or materialize the model first (e.g. model.to_empty(device=...) and load its "
+                "weights)"
+            )
+    for name, t in named.items():
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} must be on hidden's device {hidden.device}; got {t.device}")
 
@@ -229,6 +266,29 @@ def check_targets_range(targets: Tensor, vocab_size: int, ignore_index: int) -> 
         raise ValueError(
             f"targets must be in [0, V={vocab_size}) or equal ignore_index={ignore_index}; "
             f"got {int(targets[pos])} at flat position {pos} ({int(bad.sum())} such targets)"
+        )
+
+
+# log pi_old(y) <= 0. Up to this much above 0 is accepted as the rounding of a log-probability
+# of about 1 (an fp32 log-softmax at logits of |z| ~ 1e4 carries ~1e-3 nats of rounding); it
+# moves the ratio by at most 0.1 %, well inside any clip range, and is used as given.
+OLD_LOGPROB_TOLERANCE = 1e-3
+
+
+def check_old_logprobs(old: Tensor, targets: Tensor, ignore_index: int) -> None:
+    """``old_logprobs`` (flat) are log-probabilities on every unmasked token: not NaN, not +inf,
+    not above ``OLD_LOGPROB_TOLERANCE``. ``-inf`` (pi_old gave the token probability 0) is
+    allowed: the log-ratio clamp turns it into a finite, clipped ratio. Masked tokens may hold
+    anything. Like :func:`check_targets_range` this reads a flag back to the host."""
+    if old.numel() == 0:
+        return
+    bad = (targets != ignore_index) & ~(old <= OLD_LOGPROB_TOLERANCE)  # NaN fails every comparison
+    if bool(bad.any()):
+        pos = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"old_logprobs must be log-probabilities (<= 0, not NaN, not +inf; up to "
+            f"{OLD_LOGPROB_TOLERANCE:g} is accepted as rounding) on every token whose target is not "
+            f"ignore_index; got {float(old[pos])} at flat position {pos} ({int(bad.sum())} such tokens)"
         )
 
 

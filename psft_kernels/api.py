@@ -49,15 +49,19 @@ def _resolve(backend, hidden, weight, targets, bias, ignore_index, vocab_paralle
 
     The range check reads a flag back to the host; a backend whose kernels handle bad targets
     without reading out of bounds (Triton on CUDA) skips it, keeping the forward sync-free.
+    Returns ``(backend, inputs, batch_shape, host_checks)``: whether value checks that sync
+    (targets, old_logprobs) run on this call.
     """
     inputs, batch_shape = V.check_head(hidden, weight, targets, bias, ignore_index, check_range=False, **ref)
     if vocab_parallel is not None:  # targets are global ids: the merge checks them against the shards
-        return _vp.resolve(backend, inputs, int(ignore_index), vocab_parallel), inputs, batch_shape
+        # The old_logprobs check reads back to the host like the merge's target check does.
+        return _vp.resolve(backend, inputs, int(ignore_index), vocab_parallel), inputs, batch_shape, True
     be = backends.resolve(backend, inputs.hidden.device)
     skips = getattr(be, "skips_host_target_check", None)
-    if skips is None or not skips(inputs.hidden.device):
+    host_checks = skips is None or not skips(inputs.hidden.device)
+    if host_checks:
         V.check_targets_range(inputs.targets, inputs.vocab_size, int(ignore_index))
-    return be, inputs, batch_shape
+    return be, inputs, batch_shape, host_checks
 
 
 def linear_logprobs(
@@ -86,6 +90,7 @@ def linear_logprobs(
     V.check_choice("backend", backend, V.BACKENDS)
     V.check_filter_eps(filter_eps)
     V.check_bool("deterministic", deterministic)
+    V.check_chunk_size(chunk_size)  # every backend refuses a bad one, even those that ignore it
     vp, hidden, weight, bias, _, _, _ = _vp.localize(vocab_parallel, hidden, weight, bias)
     if backend == "reference":
         if vp is not None:
@@ -94,7 +99,7 @@ def linear_logprobs(
         return reference.linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                                          softcap=softcap, ignore_index=ignore_index)
     spec = _spec(temperature, softcap, ignore_index, chunk_size, filter_eps=filter_eps, deterministic=deterministic)
-    be, inputs, batch_shape = _resolve(backend, hidden, weight, targets, bias, ignore_index, vp)
+    be, inputs, batch_shape, _ = _resolve(backend, hidden, weight, targets, bias, ignore_index, vp)
     plan = Plan(be, spec, inputs)
     logp, entropy = run_logprobs(plan)
     return logp.reshape(batch_shape), entropy.reshape(batch_shape)
@@ -103,8 +108,8 @@ def linear_logprobs(
 def _loss(kind, hidden, weight, targets, *, bias, entropy_coef, temperature, softcap, ignore_index, reduction,
           num_items_in_batch, backend, return_stats, chunk_size, filter_eps, deterministic, ref=None,
           kl_direction=None, vocab_parallel=None, **objective):
-    be, inputs, batch_shape = _resolve(backend, hidden, weight, targets, bias, ignore_index, vocab_parallel,
-                                       need_ref=ref is not None, **(ref or {}))
+    be, inputs, batch_shape, host_checks = _resolve(backend, hidden, weight, targets, bias, ignore_index,
+                                                    vocab_parallel, need_ref=ref is not None, **(ref or {}))
     spec = _spec(temperature, softcap, ignore_index, chunk_size, kl_direction, filter_eps, deterministic)
     device = inputs.hidden.device
     old = V.check_per_token("old_logprobs", objective.pop("old_logprobs", None), batch_shape, device, broadcast=False)
@@ -112,6 +117,8 @@ def _loss(kind, hidden, weight, targets, *, bias, entropy_coef, temperature, sof
     dtype = inputs.compute_dtype
     if old is not None:
         old = old.reshape(-1).to(dtype)
+        if host_checks:  # sync-free on CUDA with Triton unless PSFT_KERNELS_CHECK_TARGETS=1, like targets
+            V.check_old_logprobs(old, inputs.targets, int(ignore_index))
     if isinstance(adv, Tensor):
         adv = adv.to(dtype).expand(batch_shape).reshape(-1)
     obj = Objective(kind, entropy_coef=entropy_coef, old_logprobs=old, advantages=1.0 if adv is None else adv,
@@ -123,15 +130,19 @@ def _loss(kind, hidden, weight, targets, *, bias, entropy_coef, temperature, sof
     if not return_stats:
         return loss
     valid = inputs.targets != ignore_index
-    return loss, build_stats(kind, batch_shape, valid, stats, terms, old)
+    return loss, build_stats(kind, batch_shape, valid, stats, terms, old, obj)
 
 
-def _common(reduction, num_items_in_batch, backend, entropy_coef, filter_eps=None, deterministic=False):
+def _common(reduction, num_items_in_batch, backend, entropy_coef, filter_eps=None, deterministic=False,
+            chunk_size=None, return_stats=False):
+    """The options every loss shares, checked before any backend is chosen (all backends agree)."""
     V.check_choice("reduction", reduction, V.REDUCTIONS)
     V.check_choice("backend", backend, V.BACKENDS)
     V.check_filter_eps(filter_eps)
     V.check_bool("deterministic", deterministic)
-    return V.check_num_items(num_items_in_batch), V.check_real("entropy_coef", entropy_coef)
+    V.check_bool("return_stats", return_stats)
+    V.check_chunk_size(chunk_size)
+    return V.check_num_items(num_items_in_batch, reduction), V.check_real("entropy_coef", entropy_coef)
 
 
 def linear_sft_loss(
@@ -160,7 +171,7 @@ def linear_sft_loss(
     temperature, ``- entropy_coef * H``; ``num_items_in_batch`` divides the sum instead).
     """
     num_items_in_batch, entropy_coef = _common(reduction, num_items_in_batch, backend, entropy_coef, filter_eps,
-                                               deterministic)
+                                               deterministic, chunk_size, return_stats)
     kw = dict(bias=bias, entropy_coef=entropy_coef, temperature=temperature, softcap=softcap,
               ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
               return_stats=return_stats)
@@ -199,7 +210,7 @@ def linear_dft_loss(
     ``(ce * exp(-ce).detach())`` reduced over non-ignored tokens.
     """
     num_items_in_batch, entropy_coef = _common(reduction, num_items_in_batch, backend, entropy_coef, filter_eps,
-                                               deterministic)
+                                               deterministic, chunk_size, return_stats)
     kw = dict(bias=bias, entropy_coef=entropy_coef, temperature=temperature, softcap=softcap,
               ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
               return_stats=return_stats)
@@ -223,6 +234,7 @@ def linear_psft_loss(
     bias: Optional[Tensor] = None,  # (V,)
     eps_low: float = 0.2,
     eps_high: float = 0.28,
+    clip_ratio_c: Optional[float] = None,
     entropy_coef: float = 0.0,
     temperature: float = 1.0,
     softcap: Optional[float] = None,
@@ -243,14 +255,22 @@ def linear_psft_loss(
     ``logp`` is :func:`linear_logprobs`. ``old_logprobs=None`` means r = 1 (an SFT gradient).
     With ``return_stats=True`` the stats hold ``logprobs`` (the next pi_old), ``entropy``,
     ``clip_fraction`` (``_high`` / ``_low``), ``ratio_mean``, ``approx_kl``, ``num_tokens``, ``nll``.
+
+    ``clip_ratio_c`` (None = off; verl's dual clip, where 3.0 is its default): for tokens with
+    ``A < 0`` the loss is further bounded by ``-A * clip_ratio_c``, i.e.
+    ``min(max(-A r, -A clip(r)), -A c)``, with no gradient where the bound holds (``r > c``);
+    the stats then add ``clip_fraction_dual``. ``old_logprobs`` must be log-probabilities
+    (<= 0 on unmasked tokens; docs/method.md, "Input checks").
     """
     num_items_in_batch, entropy_coef = _common(reduction, num_items_in_batch, backend, entropy_coef, filter_eps,
-                                               deterministic)
-    eps_low = V.check_nonnegative("eps_low", eps_low)
+                                               deterministic, chunk_size, return_stats)
+    eps_low = V.check_eps_low(eps_low)
     eps_high = V.check_nonnegative("eps_high", eps_high)
+    clip_ratio_c = V.check_clip_ratio_c(clip_ratio_c)
     kw = dict(bias=bias, entropy_coef=entropy_coef, temperature=temperature, softcap=softcap,
               ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
-              return_stats=return_stats, advantages=advantages, eps_low=eps_low, eps_high=eps_high)
+              return_stats=return_stats, advantages=advantages, eps_low=eps_low, eps_high=eps_high,
+              clip_ratio_c=clip_ratio_c)
     vp, hidden, weight, bias, _, _, _ = _vp.localize(vocab_parallel, hidden, weight, bias)
     kw["bias"] = bias
     if backend == "reference":
@@ -292,9 +312,9 @@ def linear_asft_loss(
     ``"reverse"`` is KL(p||q) (the paper's text). No gradient flows into the reference tensors.
     """
     num_items_in_batch, entropy_coef = _common(reduction, num_items_in_batch, backend, entropy_coef, filter_eps,
-                                               deterministic)
+                                               deterministic, chunk_size, return_stats)
     V.check_choice("kl_direction", kl_direction, V.KL_DIRECTIONS)
-    kl_coef = V.check_real("kl_coef", kl_coef)
+    kl_coef = V.check_nonnegative("kl_coef", kl_coef)
     kw = dict(bias=bias, entropy_coef=entropy_coef, temperature=temperature, softcap=softcap,
               ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
               return_stats=return_stats, kl_coef=kl_coef, kl_direction=kl_direction)

@@ -51,6 +51,48 @@ def needs_of(inputs: HeadInputs) -> GradNeeds:
                      inputs.bias is not None and inputs.bias.requires_grad)
 
 
+DOUBLE_BACKWARD_MESSAGE = (
+    "psft_kernels: double backward (differentiating the gradients again: create_graph=True, e.g. a "
+    "gradient penalty or a Hessian-vector product) is not supported through a fused backend: its "
+    "gradients come from hand-written kernels, not differentiable ops. Use backend='reference' "
+    "(materialized logits, autograd) for higher-order gradients."
+)
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Passes gradients through; differentiating them raises :data:`DOUBLE_BACKWARD_MESSAGE`."""
+
+    @staticmethod
+    def forward(ctx, *grads):
+        return tuple(g.view_as(g) for g in grads)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
+
+
+def _once_differentiable(backward):
+    """Run a Function's backward without building a graph; under ``create_graph=True`` mark its
+    gradients so that differentiating them again raises a clear error (instead of PyTorch's
+    "element 0 of tensors does not require grad", or a silently wrong second derivative)."""
+
+    def wrapper(ctx, *grad_outputs):
+        if not torch.is_grad_enabled():  # the usual case: a plain .backward()
+            return backward(ctx, *grad_outputs)
+        with torch.no_grad():
+            grads = backward(ctx, *grad_outputs)
+        present = [i for i, g in enumerate(grads) if isinstance(g, Tensor)]
+        if not present:
+            return grads
+        marked = _NoDoubleBackward.apply(*(grads[i].detach().requires_grad_() for i in present))
+        out = list(grads)
+        for i, g in zip(present, marked):
+            out[i] = g
+        return tuple(out)
+
+    return wrapper
+
+
 def _save_stats(ctx, stats: TokenStats) -> None:
     ctx.stats_fields = [f for f in ("lse", "logp", "entropy", "ref_lse", "kl") if getattr(stats, f) is not None]
     ctx.stats = [getattr(stats, f) for f in ctx.stats_fields]
@@ -71,6 +113,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         return stats.logp, stats.entropy
 
     @staticmethod
+    @_once_differentiable
     def backward(ctx, grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor]):
         hidden, weight, bias = ctx.saved_tensors
         needs = GradNeeds(*ctx.needs_input_grad[:3])
@@ -110,6 +153,7 @@ class LinearLossFunction(torch.autograd.Function):
         return (loss, *extras)
 
     @staticmethod
+    @_once_differentiable
     def backward(ctx, grad_loss: Tensor, *_unused):
         if ctx.precomputed:
             return (*_scaled_precomputed(ctx, grad_loss), None)

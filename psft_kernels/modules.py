@@ -24,6 +24,7 @@ class _LinearLoss(nn.Module):
         V.check_chunk_size(chunk_size)
         V.check_filter_eps(filter_eps)
         V.check_bool("deterministic", deterministic)
+        V.check_bool("return_stats", return_stats)
         self.options = dict(entropy_coef=entropy_coef, temperature=temperature, softcap=softcap,
                             ignore_index=ignore_index, reduction=reduction, backend=backend,
                             return_stats=return_stats, chunk_size=chunk_size, filter_eps=filter_eps,
@@ -54,10 +55,10 @@ class LinearDFTLoss(_LinearLoss):
 class LinearPSFTLoss(_LinearLoss):
     """Module form of :func:`psft_kernels.linear_psft_loss`."""
 
-    def __init__(self, *, eps_low=0.2, eps_high=0.28, **options):
+    def __init__(self, *, eps_low=0.2, eps_high=0.28, clip_ratio_c=None, **options):
         super().__init__(**options)
-        self.options.update(eps_low=V.check_nonnegative("eps_low", eps_low),
-                            eps_high=V.check_nonnegative("eps_high", eps_high))
+        self.options.update(eps_low=V.check_eps_low(eps_low), eps_high=V.check_nonnegative("eps_high", eps_high),
+                            clip_ratio_c=V.check_clip_ratio_c(clip_ratio_c))
 
     def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor, old_logprobs: Optional[Tensor] = None,
                 advantages=None, bias: Optional[Tensor] = None, num_items_in_batch=None):
@@ -70,7 +71,7 @@ class LinearASFTLoss(_LinearLoss):
 
     def __init__(self, *, kl_coef=0.05, kl_direction="forward", **options):
         super().__init__(**options)
-        self.options.update(kl_coef=V.check_real("kl_coef", kl_coef),
+        self.options.update(kl_coef=V.check_nonnegative("kl_coef", kl_coef),
                             kl_direction=V.check_choice("kl_direction", kl_direction, V.KL_DIRECTIONS))
 
     def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor, ref_hidden: Tensor, ref_weight: Tensor,

@@ -48,6 +48,8 @@ class Objective:
     eps_low: float = 0.2
     eps_high: float = 0.28
     kl_coef: float = 0.0
+    # Dual clip (verl's clip_ratio_c): tokens with A < 0 lose at most -A c; None = off.
+    clip_ratio_c: Optional[float] = None
     old_logprobs: Optional[Tensor] = None  # (N,) pi_old log-probs; None -> r = 1
     advantages: Union[float, Tensor] = 1.0  # scalar or (N,)
 
@@ -103,6 +105,12 @@ class Objective:
         loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - self.eps_low, 1.0 + self.eps_high))
         unclipped = torch.where(adv >= 0, ratio <= 1.0 + self.eps_high, ratio >= 1.0 - self.eps_low)
         flows = unclipped & (log_ratio.abs() <= LOG_RATIO_CLAMP)
+        if self.clip_ratio_c is not None:
+            # Dual clip: min(loss, -A c) for A < 0. Since c > 1 >= 1 - eps_low, the bound is below
+            # the clipped loss exactly when r > c; there the loss is a constant (no gradient).
+            dual = (adv < 0) & (ratio > self.clip_ratio_c)
+            loss = torch.where(dual, -adv * self.clip_ratio_c, loss)
+            flows = flows & ~dual
         g = torch.where(flows, -adv * ratio, torch.zeros_like(ratio))
         blocked = valid & (adv != 0) & ~flows
         return loss, g, ratio, blocked & (ratio > 1), blocked & (ratio < 1)
@@ -114,14 +122,18 @@ class Objective:
 
 
 def token_weight(reduction: str, num_valid: Tensor, num_items_in_batch) -> Union[float, Tensor]:
-    """The factor every per-token loss is multiplied by before summing (METHOD.md, "Reduction")."""
-    if reduction == "sum":
-        return 1.0
+    """The factor every per-token loss is multiplied by before summing (docs/method.md, "Reductions").
+
+    ``num_items_in_batch`` (Hugging Face's meaning) divides the sum for ``"mean"`` and ``"sum"``
+    alike: ``F.cross_entropy(..., reduction="sum") / num_items_in_batch``.
+    """
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, Tensor):
             n = num_items_in_batch.to(device=num_valid.device, dtype=torch.float64).clamp(min=1)
             return n.reciprocal().reshape(())
         return 1.0 / float(num_items_in_batch)
+    if reduction == "sum":
+        return 1.0
     return num_valid.clamp(min=1).to(torch.float64).reciprocal()
 
 
@@ -130,7 +142,7 @@ def reduce(per_token: Tensor, reduction: str, num_valid: Tensor, num_items_in_ba
     if reduction == "none":
         return per_token
     total = per_token.sum()
-    if reduction == "sum":
+    if reduction == "sum" and num_items_in_batch is None:
         return total
     w = token_weight(reduction, num_valid, num_items_in_batch)
     return total * (w.to(total.dtype) if isinstance(w, Tensor) else w)
@@ -149,6 +161,7 @@ def build_stats(
     stats: TokenStats,
     terms: Optional[Terms] = None,
     old_logprobs: Optional[Tensor] = None,
+    objective: Optional[Objective] = None,
 ) -> Dict[str, Tensor]:
     """The ``stats`` dict of ``return_stats=True``. All entries are detached tensors (no sync)."""
     logp, entropy = stats.logp.detach(), stats.entropy.detach()
@@ -169,6 +182,11 @@ def build_stats(
             ratio_mean=masked_mean(terms.ratio.detach(), valid),
             approx_kl=masked_mean((old_logprobs - logp) if old_logprobs is not None else torch.zeros_like(logp), valid),
         )
+        if objective is not None and objective.clip_ratio_c is not None:
+            adv = objective.advantages
+            negative = (adv < 0) if isinstance(adv, Tensor) else torch.full_like(valid, adv < 0)
+            dual = negative & (terms.ratio.detach() > objective.clip_ratio_c)
+            out["clip_fraction_dual"] = masked_mean(dual.to(logp.dtype), valid)
     if kind == "asft":
         out["kl"] = masked_mean(stats.kl.detach(), valid)
     return out

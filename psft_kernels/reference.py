@@ -69,10 +69,11 @@ def _base_stats(batch_shape, valid, logp, entropy):
     }
 
 
-def _check_loss_options(reduction, num_items_in_batch, entropy_coef):
+def _check_loss_options(reduction, num_items_in_batch, entropy_coef, return_stats):
     V.check_choice("reduction", reduction, V.REDUCTIONS)
     V.check_real("entropy_coef", entropy_coef)
-    return V.check_num_items(num_items_in_batch)
+    V.check_bool("return_stats", return_stats)
+    return V.check_num_items(num_items_in_batch, reduction)
 
 
 def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, softcap=None, ignore_index=-100):
@@ -84,7 +85,7 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, soft
 def linear_sft_loss(hidden, weight, targets, *, bias=None, entropy_coef=0.0, temperature=1.0, softcap=None,
                     ignore_index=-100, reduction="mean", num_items_in_batch=None, return_stats=False):
     """Cross-entropy ``-logp`` (minus ``entropy_coef * H``)."""
-    num_items_in_batch = _check_loss_options(reduction, num_items_in_batch, entropy_coef)
+    num_items_in_batch = _check_loss_options(reduction, num_items_in_batch, entropy_coef, return_stats)
     _, batch_shape, _, valid, logp, entropy = _head(hidden, weight, targets, bias, temperature, softcap, ignore_index)
     per_token = -logp - entropy_coef * entropy
     stats = _base_stats(batch_shape, valid, logp, entropy)
@@ -94,7 +95,7 @@ def linear_sft_loss(hidden, weight, targets, *, bias=None, entropy_coef=0.0, tem
 def linear_dft_loss(hidden, weight, targets, *, bias=None, entropy_coef=0.0, temperature=1.0, softcap=None,
                     ignore_index=-100, reduction="mean", num_items_in_batch=None, return_stats=False):
     """Dynamic fine-tuning: ``-sg(p) logp`` with ``p = exp(logp)``."""
-    num_items_in_batch = _check_loss_options(reduction, num_items_in_batch, entropy_coef)
+    num_items_in_batch = _check_loss_options(reduction, num_items_in_batch, entropy_coef, return_stats)
     _, batch_shape, _, valid, logp, entropy = _head(hidden, weight, targets, bias, temperature, softcap, ignore_index)
     per_token = -logp.exp().detach() * logp - entropy_coef * entropy
     stats = _base_stats(batch_shape, valid, logp, entropy)
@@ -102,15 +103,22 @@ def linear_dft_loss(hidden, weight, targets, *, bias=None, entropy_coef=0.0, tem
 
 
 def linear_psft_loss(hidden, weight, targets, old_logprobs=None, *, advantages=None, bias=None, eps_low=0.2,
-                     eps_high=0.28, entropy_coef=0.0, temperature=1.0, softcap=None, ignore_index=-100,
-                     reduction="mean", num_items_in_batch=None, return_stats=False):
-    """Proximal SFT: the PPO clipped surrogate with ``r = pi / pi_old`` and advantage ``A`` (default 1)."""
-    num_items_in_batch = _check_loss_options(reduction, num_items_in_batch, entropy_coef)
-    eps_low = V.check_nonnegative("eps_low", eps_low)
+                     eps_high=0.28, clip_ratio_c=None, entropy_coef=0.0, temperature=1.0, softcap=None,
+                     ignore_index=-100, reduction="mean", num_items_in_batch=None, return_stats=False):
+    """Proximal SFT: the PPO clipped surrogate with ``r = pi / pi_old`` and advantage ``A`` (default 1).
+
+    ``clip_ratio_c``: verl's dual clip, ``min(surrogate, -A c)`` for tokens with ``A < 0``.
+    """
+    num_items_in_batch = _check_loss_options(reduction, num_items_in_batch, entropy_coef, return_stats)
+    eps_low = V.check_eps_low(eps_low)
     eps_high = V.check_nonnegative("eps_high", eps_high)
-    _, batch_shape, _, valid, logp, entropy = _head(hidden, weight, targets, bias, temperature, softcap, ignore_index)
+    clip_ratio_c = V.check_clip_ratio_c(clip_ratio_c)
+    inputs, batch_shape, _, valid, logp, entropy = _head(hidden, weight, targets, bias, temperature, softcap,
+                                                         ignore_index)
     old = V.check_per_token("old_logprobs", old_logprobs, batch_shape, logp.device, broadcast=False)
     adv = V.check_per_token("advantages", advantages, batch_shape, logp.device, broadcast=True)
+    if old is not None:
+        V.check_old_logprobs(old.reshape(-1), inputs.targets, int(ignore_index))
     old = logp.detach() if old is None else old.reshape(-1).to(logp.dtype)
     adv = torch.as_tensor(1.0 if adv is None else adv, dtype=logp.dtype, device=logp.device)
     adv = adv.expand(batch_shape).reshape(-1)
@@ -119,16 +127,25 @@ def linear_psft_loss(hidden, weight, targets, old_logprobs=None, *, advantages=N
     ratio = torch.exp(torch.clamp(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     pg_unclipped = -adv * ratio
     pg_clipped = -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
-    per_token = torch.maximum(pg_unclipped, pg_clipped) - entropy_coef * entropy
+    surrogate = torch.maximum(pg_unclipped, pg_clipped)
+    dual = torch.zeros_like(valid)
+    if clip_ratio_c is not None:  # verl's dual clip: negative advantages lose at most -A c
+        pg_bound = -adv * clip_ratio_c
+        dual = (adv < 0) & (surrogate > pg_bound)
+        surrogate = torch.where(adv < 0, torch.minimum(surrogate, pg_bound), surrogate)
+    per_token = surrogate - entropy_coef * entropy
 
     stats = _base_stats(batch_shape, valid, logp, entropy)
-    # A token's gradient is blocked when the clipped branch wins or the log-ratio clamp saturates.
-    blocked = valid & (adv != 0) & ((pg_clipped > pg_unclipped) | (log_ratio.abs() > LOG_RATIO_CLAMP))
+    # A token's gradient is blocked when the clipped branch wins, the dual clip's bound holds or
+    # the log-ratio clamp saturates.
+    blocked = valid & (adv != 0) & ((pg_clipped > pg_unclipped) | dual | (log_ratio.abs() > LOG_RATIO_CLAMP))
     high = masked_mean((blocked & (ratio > 1)).to(logp.dtype), valid)
     low = masked_mean((blocked & (ratio < 1)).to(logp.dtype), valid)
     stats.update(clip_fraction=high + low, clip_fraction_high=high, clip_fraction_low=low,
                  ratio_mean=masked_mean(ratio.detach(), valid),
                  approx_kl=masked_mean((old - logp).detach(), valid))
+    if clip_ratio_c is not None:
+        stats["clip_fraction_dual"] = masked_mean(dual.to(logp.dtype), valid)
     return _finish(per_token, valid, batch_shape, reduction, num_items_in_batch, return_stats, stats)
 
 
@@ -140,9 +157,9 @@ def linear_asft_loss(hidden, weight, targets, ref_hidden, ref_weight, *, ref_bia
     ``kl_direction="forward"`` is ``KL(q || p)`` (the official code's ``F.kl_div(log p, q)``);
     ``"reverse"`` is ``KL(p || q)`` (the paper's text). ``q`` comes from ``ref_hidden @ ref_weight.T``.
     """
-    num_items_in_batch = _check_loss_options(reduction, num_items_in_batch, entropy_coef)
+    num_items_in_batch = _check_loss_options(reduction, num_items_in_batch, entropy_coef, return_stats)
     V.check_choice("kl_direction", kl_direction, V.KL_DIRECTIONS)
-    V.check_real("kl_coef", kl_coef)
+    V.check_nonnegative("kl_coef", kl_coef)
     inputs, batch_shape, log_p, valid, logp, entropy = _head(
         hidden, weight, targets, bias, temperature, softcap, ignore_index,
         ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, need_ref=True,

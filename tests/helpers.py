@@ -123,7 +123,8 @@ def make_problem(
     if old != "none":
         with torch.no_grad():
             logp, _ = pk.linear_logprobs(p.hidden, p.weight, p.targets, bias=p.bias, backend="reference")
-        p.old_logprobs = logp if old == "equal" else logp + old_noise * rnd(*batch)
+        # log-probabilities are <= 0 (the API refuses others): noise pushing one above 0 is cut there
+        p.old_logprobs = logp if old == "equal" else (logp + old_noise * rnd(*batch)).clamp(max=0.0)
     if device != "cpu":
         p = replace(p, **{k: v.to(device) for k, v in vars(p).items() if isinstance(v, torch.Tensor)})
     return p.to(dtype)

@@ -99,3 +99,25 @@ def test_reductions_and_empty_batch():
     torch.testing.assert_close(reduce(per_token, "mean", n, 14), torch.tensor(0.5))
     assert reduce(torch.zeros(4), "mean", torch.tensor(0), None) == 0.0
     assert masked_mean(torch.ones(3), torch.zeros(3, dtype=torch.bool)) == 0.0
+
+
+@pytest.mark.parametrize("c", [3.0, 1.5])
+def test_dual_clip_coefficients_match_autograd(c):
+    """clip_ratio_c: min(max(-A r, -A clip(r)), -A c) for A < 0, as verl writes it, through autograd."""
+    logp, old = _cases()
+    adv = torch.randn(logp.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    old[7], adv[7] = logp[7] - 2.0, -0.5  # r = e^2 > c, A < 0: the bound holds, no gradient
+    old[8], adv[8] = logp[8] - 2.0, 0.5  # r = e^2, A > 0: the ordinary upper clip
+    valid = torch.ones_like(logp, dtype=torch.bool)
+    terms = Objective("psft", eps_low=EPS_LOW, eps_high=EPS_HIGH, clip_ratio_c=c, old_logprobs=old,
+                      advantages=adv).terms(TokenStats(None, logp, torch.zeros_like(logp)), valid)
+    x = logp.clone().requires_grad_()
+    r = torch.exp(torch.clamp(x - old, -20, 20))
+    surrogate = torch.maximum(-adv * r, -adv * torch.clamp(r, 1 - EPS_LOW, 1 + EPS_HIGH))
+    loss = torch.where(adv < 0, torch.minimum(surrogate, -adv * c), surrogate)
+    loss.sum().backward()
+    torch.testing.assert_close(terms.loss, loss.detach())
+    torch.testing.assert_close(terms.coefs.logp, x.grad)
+    assert terms.loss[7] == 0.5 * c and terms.coefs.logp[7] == 0 and terms.blocked_high[7]
+    bound = (adv < 0) & (r.detach() > c)
+    assert bound.sum() >= 2, "the cases must put several tokens under the bound"

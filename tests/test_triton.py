@@ -455,7 +455,7 @@ def _gpu_problem(n, d, v, loss, *, logit_scale=3.0, seed=0, ignore_frac=0.1, d_r
     if loss == "psft":
         with torch.no_grad():
             logp, _ = pk.linear_logprobs(hidden, weight, targets, backend="chunked")
-        prob.old_logprobs = logp + 0.3 * rnd(n)
+        prob.old_logprobs = (logp + 0.3 * rnd(n)).clamp(max=0.0)  # log-probabilities: <= 0
     return prob
 
 

@@ -78,7 +78,7 @@ def record(full: bool, tiles: str):
     # Every constexpr flag is on in at least one call and off in another.
     call("asft", bf16, bias=True, softcap=3.0, entropy_coef=0.1, filter_eps=1e-4, kl_direction="reverse")
     call("asft", bf16, reduction="none", temperature=0.7)
-    call("psft", fp16, reduction="none", advantages=0.5)
+    call("psft", fp16, reduction="none", advantages=0.5, clip_ratio_c=3.0)
     call("sft", fp32, bias=True)
     prob = make_problem(dtype=bf16)
     logp, ent = pk.linear_logprobs(prob.hidden.requires_grad_(True), prob.weight, prob.targets, backend="triton")

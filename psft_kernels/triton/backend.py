@@ -116,6 +116,7 @@ class TritonBackend:
             grad_scale=_scale_tensor(coef_scale, inputs.hidden.device) if with_grads else None,
             kind=kind, entropy_coef=float(obj.entropy_coef), kl_coef=kl_coef, eps_low=float(obj.eps_low),
             eps_high=float(obj.eps_high), advantage=float(adv) if not isinstance(adv, Tensor) else 0.0,
+            clip_ratio_c=float(obj.clip_ratio_c or 0.0),
             grad_hidden=with_grads and needs.hidden, grad_weight=with_grads and needs.weight,
             grad_bias=with_grads and needs.bias and inputs.bias is not None, **self._common(inputs, spec))
         present = ops.forward_outputs(kind, _KL[spec.kl_direction], float(obj.entropy_coef), kl_coef, with_grads)

@@ -41,11 +41,11 @@ def _head_epilogue_kernel(
     # shapes and strides
     N, V, num_splits, stride_pf, stride_ps, stride_t, ignore_index,
     # objective parameters
-    entropy_coef, kl_coef, ratio_low, ratio_high, adv_scalar, log_ratio_clamp,
+    entropy_coef, kl_coef, ratio_low, ratio_high, adv_scalar, log_ratio_clamp, clip_ratio_c,
     # meta-parameters
     KIND: tl.constexpr, HAS_REF: tl.constexpr, KL_FORWARD: tl.constexpr,
     HAS_OLD: tl.constexpr, HAS_ADV: tl.constexpr, HAS_ENTROPY_COEF: tl.constexpr, HAS_KL_COEF: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, DUAL_CLIP: tl.constexpr = False,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = offs < N
@@ -115,6 +115,10 @@ def _head_epilogue_kernel(
             loss = tl.maximum(-adv * ratio, -adv * clipped)
             unclipped = tl.where(adv >= 0, ratio <= ratio_high, ratio >= ratio_low)
             flows = unclipped & (tl.abs(log_ratio) <= log_ratio_clamp)
+            if DUAL_CLIP:  # verl's clip_ratio_c: A < 0 loses at most -A c; constant (no gradient) for r > c
+                dual = (adv < 0) & (ratio > clip_ratio_c)
+                loss = tl.where(dual, -adv * clip_ratio_c, loss)
+                flows = flows & (dual == 0)
             g = tl.where(flows, -adv * ratio, 0.0)
             blocked = valid & (adv != 0) & (flows == 0)
             tl.store(ratio_ptr + offs, ratio, mask=in_range)
@@ -154,6 +158,7 @@ def head_epilogue(
     kl_coef: float = 0.0,
     eps_low: float = 0.2,
     eps_high: float = 0.28,
+    clip_ratio_c: float = 0.0,  # > 1: dual clip of negative advantages; 0: off
 ) -> Dict[str, Optional[Tensor]]:
     """Stats (and, with ``kind``, the objective's per-token terms) of every row, fp32."""
     n = targets.shape[0]
@@ -179,6 +184,7 @@ def head_epilogue(
         ptr("loss"), ptr("g"), ptr("e"), ptr("k"), ptr("ratio"), ptr("blocked_high"), ptr("blocked_low"),
         n, vocab_size, part.shape[1], part.stride(0), part.stride(1), targets.stride(0), ignore_index,
         float(entropy_coef), float(kl_coef), 1.0 - eps_low, 1.0 + eps_high, float(adv_scalar), LOG_RATIO_CLAMP,
+        float(clip_ratio_c), DUAL_CLIP=clip_ratio_c > 0,
         KIND=code, HAS_REF=has_ref, KL_FORWARD=kl_forward, HAS_OLD=old_logprobs is not None,
         HAS_ADV=advantages is not None, HAS_ENTROPY_COEF=has_e, HAS_KL_COEF=has_k, BLOCK=BLOCK,
     )

@@ -34,7 +34,8 @@ _FORWARD_SCHEMA = (
     "Tensor? ref_bias, Tensor? old_logprobs, Tensor? advantages, Tensor? grad_scale, float temperature, "
     "float softcap, int ignore_index, int kl_direction, int kind, float entropy_coef, float kl_coef, "
     "float eps_low, float eps_high, float advantage, bool grad_hidden, bool grad_weight, bool grad_bias, "
-    "float filter_eps, bool deterministic) -> (" + ", ".join(["Tensor"] * len(FORWARD_OUTPUTS)) + ")"
+    "float filter_eps, bool deterministic, float clip_ratio_c=0.) -> ("
+    + ", ".join(["Tensor"] * len(FORWARD_OUTPUTS)) + ")"
 )
 _BACKWARD_SCHEMA = (
     "(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor? ref_hidden, Tensor? ref_weight, "
@@ -81,7 +82,8 @@ def _opt(x: float) -> Optional[float]:
 @torch.library.custom_op("psft_kernels::triton_head_forward", mutates_args=(), schema=_FORWARD_SCHEMA)
 def head_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, old_logprobs, advantages,
                  grad_scale, temperature, softcap, ignore_index, kl_direction, kind, entropy_coef, kl_coef, eps_low,
-                 eps_high, advantage, grad_hidden, grad_weight, grad_bias, filter_eps, deterministic):
+                 eps_high, advantage, grad_hidden, grad_weight, grad_bias, filter_eps, deterministic,
+                 clip_ratio_c=0.0):
     need = (grad_hidden, grad_weight, grad_bias)
     present = forward_outputs(kind, kl_direction, entropy_coef, kl_coef, any(need))
     out = dict(zip(FORWARD_OUTPUTS, _forward_meta(hidden, weight, bias, present, need)))
@@ -100,7 +102,7 @@ def head_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias
         part, targets, vocab_size=weight.shape[0], ignore_index=ignore_index, has_ref=has_ref,
         kl_forward=kl_direction == 1, kind=[k for k, c in epilogue.KINDS.items() if c == kind][0],
         old_logprobs=old_logprobs, advantages=advantages, adv_scalar=advantage, entropy_coef=entropy_coef,
-        kl_coef=kl_coef, eps_low=eps_low, eps_high=eps_high)
+        kl_coef=kl_coef, eps_low=eps_low, eps_high=eps_high, clip_ratio_c=clip_ratio_c)
     for name, value in terms.items():
         if value is not None:
             out[name] = value
@@ -120,7 +122,7 @@ def head_forward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias
 @head_forward.register_fake
 def _(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, old_logprobs, advantages, grad_scale,
       temperature, softcap, ignore_index, kl_direction, kind, entropy_coef, kl_coef, eps_low, eps_high, advantage,
-      grad_hidden, grad_weight, grad_bias, filter_eps, deterministic):
+      grad_hidden, grad_weight, grad_bias, filter_eps, deterministic, clip_ratio_c=0.0):
     need = (grad_hidden, grad_weight, grad_bias)
     present = forward_outputs(kind, kl_direction, entropy_coef, kl_coef, any(need))
     return tuple(_forward_meta(hidden, weight, bias, present, need))
