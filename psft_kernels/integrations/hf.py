@@ -6,7 +6,7 @@
     trainer = PSFTTrainer(model=model, args=args, train_dataset=train, data_collator=collator)
     trainer.train()
 
-What the trainer does beyond ``transformers.Trainer`` (METHOD.md, "Training protocol"):
+What the trainer does beyond ``transformers.Trainer`` (docs/method.md, "Training protocol"):
 
 * The loss is computed from the decoder's last hidden states and the lm-head's weight by the
   fused kernels of :mod:`psft_kernels`; the ``(B, T, V)`` logits never exist (the model is asked
@@ -17,12 +17,24 @@ What the trainer does beyond ``transformers.Trainer`` (METHOD.md, "Training prot
 * PSFT's pi_old: at the start of every group of ``old_policy_refresh_steps`` (K) optimizer steps
   the trainer fetches the group's ``K x gradient_accumulation_steps`` micro-batches, computes
   their per-token log-probs under the current model once (eval mode, no gradient, the fused
-  forward-only pass), then trains on them. The first step of a group therefore has ratio 1
-  everywhere, an SFT step. A group ends early at the end of an epoch or at ``max_steps``, and a
+  forward-only pass), then trains on them. pi_old is the policy itself, scored without dropout:
+  the first step of a group has ratio 1 everywhere (an SFT step) for a model without dropout;
+  with dropout, training runs in train mode and that step's ratios are the dropout noise
+  around 1 (GPT-2's first PSFT loss is about -0.996, not -1). Set the model's dropout to 0 for
+  the exact protocol. A group ends early at the end of an epoch or at ``max_steps``, and a
   run resumed from a checkpoint starts a new group.
 * ``sft_warmup_steps``: the first optimizer steps use SFT, whatever ``loss_type`` says.
 * ASFT's reference: ``ref_model`` (frozen, eval mode, no gradient), or for a peft model without
   one, the same model with its adapter disabled.
+* MoE models (Mixtral, Qwen2-MoE, Qwen3-MoE, ...) with ``output_router_logits``: the router's
+  ``aux_loss`` is added to every loss type exactly as the model's forward adds it to its own
+  loss: ``router_aux_loss_coef * aux_loss`` per micro-batch (not divided by the token count;
+  under gradient accumulation and across processes it is scaled as ``Trainer`` scales the
+  model's loss), and logged as ``aux_loss``.
+* Distributed: the loss, the pi_old pass, the reference pass and the head probe run inside the
+  lm-head's module call (``_fused.py``), so DDP, FSDP1, FSDP2 and DeepSpeed ZeRO-0..3 work as
+  configured through ``TrainingArguments`` (docs/distributed.md). Each process's logged ``loss``
+  is its own micro-batches' share of the global token mean times the number of processes.
 * Metrics, logged at every logging step beside Hugging Face's ``loss``: ``nll`` and ``entropy``
   (token means), ``tokens`` (target tokens since the last log), and for PSFT ``clip_fraction``
   (``_high``, ``_low``), ``ratio_mean``, ``approx_kl`` (mean of old - new log-prob), for ASFT
@@ -32,10 +44,11 @@ What the trainer does beyond ``transformers.Trainer`` (METHOD.md, "Training prot
   fused head when ``prediction_loss_only=True``; otherwise through the model's own forward.
 
 Tested on CPU with transformers 4.46, 5.17 and 5.23: fp32 and bf16 models, autocast,
-gradient checkpointing, peft LoRA, DDP (2 processes). Not supported: DataParallel
-(``n_gpu > 1``; launch with ``torchrun``), FSDP, DeepSpeed, context / sequence parallelism,
-label smoothing, ``compute_loss_func``, prompt-learning peft adapters, a peft tuner on the
-lm-head, and MoE auxiliary losses (a router loss the model adds to its own loss is not added).
+gradient checkpointing, peft LoRA; with transformers 5.23, 2 gloo processes under DDP, FSDP1,
+FSDP2 and DeepSpeed ZeRO-2/3. Not supported (refused before the first step): DataParallel
+(``n_gpu > 1``; launch with ``torchrun``), tensor / context / sequence parallelism, parameter
+offload under FSDP1 or DeepSpeed, label smoothing, ``compute_loss_func``, prompt-learning peft
+adapters, a peft tuner on the lm-head.
 """
 
 from __future__ import annotations
@@ -70,7 +83,7 @@ def _check_int(name: str, value, minimum: int) -> int:
 
 @dataclass
 class PSFTConfig(TrainingArguments):
-    """``TrainingArguments`` plus the loss options. The official PSFT recipe (METHOD.md): lr 1e-6,
+    """``TrainingArguments`` plus the loss options. The official PSFT recipe (docs/method.md): lr 1e-6,
     10 warm-up steps, weight decay 0.1, grad clip 1.0, eps 0.2 / 0.28, K = 8."""
 
     loss_type: str = field(default="psft", metadata={"help": "One of 'psft', 'sft', 'dft', 'asft'."})
