@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
+from ._engines import shards_parameters
 from ._fused import (HeadInputsRequest, LogprobsRequest, LossRequest, ProbeRequest, Reference, REQUEST_KWARG,
                      prepare_model, prepared_head)
 from ._lm_head import PRIVATE_PREFIX, PROBE_TOKENS, LMHead, forward_inputs, is_peft_model, shifted_targets
@@ -103,22 +104,21 @@ class FusedLossCore:
     # ------------------------------------------------------------------------------------------
 
     def loss_and_stats(self, runner: nn.Module, inputs, *, loss_type: Optional[str] = None,
-                       old_logprobs: Optional[Tensor] = None, num_items_in_batch=None, engine_shards: bool = False,
-                       low_precision: bool = False):
+                       old_logprobs: Optional[Tensor] = None, num_items_in_batch=None, low_precision: bool = False):
         """The fused loss of one micro-batch through ``runner`` and its stats dict (tensors).
 
         ``old_logprobs`` (PSFT): ``(B, T)`` like the labels, position t holding log pi_old(labels[t + 1]);
         None means pi_old = the current policy (ratio 1). Without ``num_items_in_batch`` the loss is the token
-        mean of this micro-batch. ``engine_shards``: the model's parameters live sharded outside
-        their module calls (FSDP, ZeRO-3); a peft reference head kept apart must then be copied.
+        mean of this micro-batch.
         """
         o = self.options
         kind = loss_type or o.loss_type
         if kind not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {', '.join(map(repr, LOSS_TYPES))}; got {kind!r}")
         self._verified(runner, self.head, inputs, low_precision)
-        reference = self._reference(runner, inputs, engine_shards, low_precision) if kind == "asft" else None
-        options = dict(entropy_coef=o.entropy_coef, num_items_in_batch=num_items_in_batch, backend=o.loss_backend)
+        reference = self._reference(runner, inputs, low_precision) if kind == "asft" else None
+        options = dict(entropy_coef=o.entropy_coef, num_items_in_batch=num_items_in_batch, backend=o.loss_backend,
+                       chunk_size=getattr(o, "chunk_size", None))
         if kind == "psft":
             options.update(eps_low=o.eps_low, eps_high=o.eps_high)
         if kind == "asft":
@@ -129,7 +129,7 @@ class FusedLossCore:
         loss = out.pop("loss")
         return loss, out
 
-    def _reference(self, runner: nn.Module, inputs, engine_shards: bool, low_precision: bool) -> Reference:
+    def _reference(self, runner: nn.Module, inputs, low_precision: bool) -> Reference:
         """ASFT's reference head inputs: ref_model (held whole), or the peft base model."""
         head = self.head
         kwargs = forward_inputs(inputs)
@@ -148,7 +148,9 @@ class FusedLossCore:
         if not is_peft_model(unwrapped):
             raise ValueError("loss_type='asft' needs ref_model= unless the model is a peft model")
         with torch.no_grad(), eval_mode(runner), unwrapped.disable_adapter():
-            return Reference(runner(**kwargs, **{REQUEST_KWARG: HeadInputsRequest(head, clone_weight=engine_shards)}))
+            # A base head kept apart by modules_to_save is freed after its call under a sharding engine.
+            request = HeadInputsRequest(head, clone_weight=shards_parameters(runner))
+            return Reference(runner(**kwargs, **{REQUEST_KWARG: request}))
 
 
 def _unwrapped(runner: nn.Module) -> nn.Module:

@@ -15,7 +15,6 @@ from torch import nn
 
 from ._lm_head import base_model
 
-SHARDING = ("fsdp1", "fsdp2", "zero3")  # parameters live sharded outside their module calls
 _DDP_TYPES = {"MULTI_CPU", "MULTI_GPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA", "MULTI_XPU",
               "MULTI_HPU", "MULTI_NEURON"}
 
@@ -77,3 +76,13 @@ def check_trainer(trainer) -> str:
     raise ValueError(
         f"PSFTTrainer does not support the {kind} engine: the fused loss is known to run inside the lm-head's call "
         "only under one process, DDP, FSDP1, FSDP2 and DeepSpeed ZeRO; use one of those")
+
+
+def shards_parameters(runner: nn.Module) -> bool:
+    """Whether ``runner``'s parameters live sharded outside their module calls (FSDP1, FSDP2, ZeRO-3)."""
+    if hasattr(runner, "_fsdp_wrapped_module"):
+        return True
+    for p in runner.parameters():
+        # FSDP2: DTensor parameters; ZeRO-3: parameters carry a ds_id (ZeRO-1/2 do not).
+        return type(p).__name__ == "DTensor" or hasattr(p, "ds_id")
+    return False

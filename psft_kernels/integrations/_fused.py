@@ -7,21 +7,25 @@ again for the backward when a gradient reaches that call's outputs. A loss compu
 placeholder or a ``DTensor``. So the loss is computed *inside* the head's call:
 
 * :func:`prepare_model` gives the model instance (never its class) a ``forward`` that accepts one
-  extra keyword, ``psft_request``, and gives the lm-head module(s) a ``forward`` that accepts it
-  too. Without the keyword both behave exactly as before. It must run before the engine wraps
-  the model, as the engines keep calling ``module.forward`` of the instance they wrapped.
+  extra keyword, ``psft_request``, and gives the lm-head module(s) a ``forward`` that serves a
+  request while one is armed. Without a request both behave exactly as before. It must run
+  before the engine wraps the model: the engines keep calling the instance they wrapped.
 * A call ``runner(**batch, psft_request=request)`` (``runner`` is the model or whatever engine
-  wraps it: DDP, FSDP, a DeepSpeed engine) runs the model's own forward with ``logits_to_keep=1``
-  while a hook on the decoder records its last hidden states, then calls the lm-head *module*
-  with those hidden states and the request. The engine's hooks gather the head's weight for that
-  call, the request computes the fused loss (or log-probs, or the head probe) from it, and the
-  result is the head call's output: the engine's backward hooks re-gather the weight for the
-  backward and reduce its gradient as they would a plain lm-head's.
+  wraps it: DDP, FSDP, a DeepSpeed engine) arms the head with the request and runs the model's
+  own forward with all positions kept (``logits_to_keep=0``). The model calls its lm-head once,
+  as usual, through whatever hooks the engine put there; the armed head computes the request
+  (the fused loss, log-probs, the head probe) from the hidden states it is given and the weight
+  as it is inside its call, keeps the result in the request, and returns a ``(B, T, 1)``
+  *carrier* instead of the ``(B, T, V)`` logits. The carrier is zero and depends on the loss, and
+  the loss handed back is ``loss + 0 * carrier-as-the-model-returned-it``: the backward then
+  passes through the engine's hooks on the head's output (FSDP2's pre-backward unshard, ZeRO-3's
+  re-gather) before it reaches the loss, and the head's gradient is reduced by the engine like
+  any other parameter's. The head is called once per forward: no second call for the engine's
+  bookkeeping to trip over (FSDP2 units holding several modules do).
 * The model's own auxiliary loss (MoE routers' ``aux_loss``) is added exactly as its forward adds
   it when given labels: ``loss + router_aux_loss_coef * aux_loss``.
 
-Every engine sees an ordinary forward whose output is a dict of tensors; nothing is
-monkey-patched on a class, and another instance of the same model is untouched.
+Nothing is monkey-patched on a class, and another instance of the same model is untouched.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from ._lm_head import LMHead, base_model, forward_inputs
 
 REQUEST_KWARG = "psft_request"
 _INNER = "_psft_inner_forward"  # the forward an instance had before prepare_model (None: its class's)
+_ARMED = "_psft_armed_request"  # set on the lm-head module(s) while a request-carrying forward runs
 LOSSES = {"sft": linear_sft_loss, "dft": linear_dft_loss, "psft": linear_psft_loss, "asft": linear_asft_loss}
 
 
@@ -65,18 +70,37 @@ def head_inputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], *per_tok
 
 
 class Request:
-    keep_logits: Optional[int] = 1  # positions the model's own lm-head call projects (None: all)
-
     def __init__(self, head: LMHead):
         self.head = head
+        self.result: Optional[Dict[str, Tensor]] = None
 
     def compute(self, module: nn.Module, hidden: Tensor) -> Dict[str, Tensor]:
         raise NotImplementedError
 
-    def finish(self, result: Dict[str, Tensor], output, aux) -> Dict[str, Tensor]:
-        """The model forward's return value, from the head call's result, the model's own output and
-        its router loss ``(coefficient, aux_loss)`` if it returned one (else None)."""
-        return result
+    def serve(self, module: nn.Module, hidden: Tensor) -> Tensor:
+        """The armed head's call: compute the request, return what the model gets as its logits."""
+        if self.result is not None:
+            raise RuntimeError(
+                f"{self.head.what}'s lm-head was called twice in one forward; the fused loss needs one call")
+        self.result = self.compute(module, hidden)
+        anchor = next((t for t in self.result.values() if t.requires_grad), None)
+        carrier = hidden.new_zeros(*hidden.shape[:-1], 1)
+        return carrier if anchor is None else carrier + 0 * anchor.reshape(-1)[:1].to(carrier.dtype)
+
+    def finish(self, output, aux) -> Dict[str, Tensor]:
+        """The model forward's return value, from the served result, the model's own output and its
+        router loss ``(coefficient, aux_loss)`` if it returned one (else None)."""
+        return self.result
+
+    @staticmethod
+    def _through_carrier(loss: Tensor, output) -> Tensor:
+        """``loss`` made to depend on the carrier as the model returned it (see the module doc)."""
+        logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+        if logits is None:
+            logits = output[0]
+        if not logits.requires_grad:
+            return loss
+        return loss + 0 * logits.reshape(-1)[:1].sum().to(loss.dtype)
 
     def head_weights(self, module: nn.Module):
         """``(weight, bias)`` of the head module as it is inside its own call: whole, or an error."""
@@ -116,7 +140,9 @@ class LossRequest(Request):
         loss, stats = out
         return {"loss": loss, **{k: v for k, v in stats.items() if isinstance(v, Tensor)}}
 
-    def finish(self, result, output, aux):
+    def finish(self, output, aux):
+        result = self.result
+        result["loss"] = self._through_carrier(result["loss"], output)
         if aux is not None:
             coef, aux = aux
             loss = result["loss"]
@@ -162,18 +188,18 @@ class HeadInputsRequest(Request):
 
 
 class ProbeRequest(Request):
-    """The model's own logits (all positions) beside ``softcap(hidden @ W.T + b)`` in float64."""
+    """The model's own logits (all positions) beside ``softcap(hidden @ W.T + b)`` in float64:
+    the head call computes both, and returns the real logits for the model to finish."""
 
-    keep_logits = None
-
-    def compute(self, module, hidden):
+    def serve(self, module, hidden):
         weight, bias = self.head_weights(module)
-        return {"hidden": hidden, "reconstructed": self.head.logits_from(hidden.to(weight.device), weight, bias)}
+        self.result = {"hidden": hidden, "reconstructed": self.head.logits_from(hidden.to(weight.device), weight, bias)}
+        return _inner_forward(module)(hidden)
 
-    def finish(self, result, output, aux):
-        logits = getattr(output, "logits", None)
-        result["logits"] = output[0] if logits is None else logits
-        return result
+    def finish(self, output, aux):
+        logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+        self.result["logits"] = output[0] if logits is None else logits
+        return self.result
 
 
 class Reference:
@@ -230,11 +256,11 @@ def _model_forward(self, *args, **kwargs):
 
 
 def _head_forward(self, *args, **kwargs):
-    request = kwargs.pop(REQUEST_KWARG, None)
+    request = self.__dict__.get(_ARMED)
     if request is None:
         return _inner_forward(self)(*args, **kwargs)
     (hidden,) = args
-    return request.compute(self, hidden)
+    return request.serve(self, hidden)
 
 
 def _install(module: nn.Module, impl) -> None:
@@ -292,30 +318,33 @@ def prepared_head(model: nn.Module) -> Optional[LMHead]:
     return model.__dict__.get("_psft_head")
 
 
+def _armed_heads(base: nn.Module):
+    """The request-aware modules under the output embedding as the model uses it now (inside
+    an FSDP1 wrapper, a peft ``modules_to_save`` wrapper's original and copies)."""
+    heads = [m for m in base.get_output_embeddings().modules()
+             if getattr(getattr(m.__dict__.get("forward"), "__func__", None), "_psft_impl", None) is _head_forward]
+    if not heads:
+        raise RuntimeError("the lm-head was replaced after prepare_model: call prepare_model again")
+    return heads
+
+
 def _run(model: nn.Module, request: Request, args, kwargs):
     base = base_model(model)
-    decoder = base.get_decoder()
-    seen = []
-
-    def record(_module, _args, output):
-        h = getattr(output, "last_hidden_state", None)
-        seen.append(output[0] if h is None else h)
-
     kwargs = forward_inputs(kwargs)
     kwargs["use_cache"] = False
     keep = request.head._keep_kwarg
-    if keep is not None and request.keep_logits is not None:
-        kwargs[keep] = request.keep_logits
-    handle = decoder.register_forward_hook(record)
+    if keep is not None:
+        kwargs[keep] = 0  # all positions go to the head: the armed head never forms their logits
+    heads = _armed_heads(base)
+    for m in heads:
+        m.__dict__[_ARMED] = request
     try:
         output = _inner_forward(model)(*args, **kwargs)
     finally:
-        handle.remove()
-    if len(seen) != 1:
+        for m in heads:
+            m.__dict__.pop(_ARMED, None)
+    if request.result is None:
         raise RuntimeError(
-            f"{request.head.what}'s decoder ({type(decoder).__name__}) ran {len(seen)} times in one forward; "
-            "cannot tell which output feeds the lm-head")
-    # Called as a module, through whatever the engine put around the head: its hooks gather the
-    # weight for this call and re-gather it for the backward that starts from this output.
-    result = base.get_output_embeddings()(seen[0], **{REQUEST_KWARG: request})
-    return request.finish(result, output, _router_loss(base, output))
+            f"{request.head.what}'s forward did not call its lm-head ({type(base.get_output_embeddings()).__name__}); "
+            "this model is not supported by the fused loss")
+    return request.finish(output, _router_loss(base, output))

@@ -3,12 +3,10 @@
 The fused losses need what goes *into* the lm-head (the decoder's last hidden states) and the
 head's parameters, never the logits. They are found without patching any model class:
 
-* hidden states: a forward hook on ``model.get_decoder()`` records the decoder's output while the
-  model runs its own ``forward`` with ``logits_to_keep=1``, so that the model projects one
-  position per row onto the vocabulary instead of all of them. Going through the model's own
-  ``forward`` (not calling the decoder directly) keeps whatever the model does before its
-  decoder, and keeps the engine's work (DDP's gradient synchronisation, FSDP's and ZeRO-3's
-  parameter gathering), which is armed only by the wrapper's ``forward`` (see ``_fused.py``).
+* hidden states: what the model itself hands its lm-head, inside its own ``forward`` (see
+  ``_fused.py``): whatever the model does before its head is kept, and the engine's work (DDP's
+  gradient synchronisation, FSDP's and ZeRO-3's parameter gathering) is armed by its wrapper's
+  ``forward`` as usual.
 * the head: ``model.get_output_embeddings()``: its ``weight`` (the input embedding's parameter
   itself when the two are tied, so the gradient reaches the shared tensor) and its ``bias``.
 * the logit transform: ``final_logit_softcapping`` from the (text) config (Gemma 2 and later).
@@ -24,7 +22,6 @@ inside a ``peft`` model).
 from __future__ import annotations
 
 import inspect
-import warnings
 from typing import Mapping, Optional, Tuple
 
 import torch
@@ -114,13 +111,8 @@ class LMHead:
         self.temperature = 1.0  # becomes 1/c when verify() finds the model multiplying its logits by c
         self.verified = False
         params = inspect.signature(base.forward).parameters
+        # Passed as 0 (all positions) where the forward takes it: the armed head gets every position.
         self._keep_kwarg = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
-        if self._keep_kwarg is None:
-            warnings.warn(
-                f"{type(base).__name__}.forward takes no logits_to_keep: it will compute (and throw away) the full "
-                "logits on every step, so the memory the fused loss saves is spent anyway",
-                stacklevel=3,
-            )
 
     def weights(self, model: nn.Module) -> Tuple[Tensor, Optional[Tensor]]:
         """The output embedding's ``(weight (V, D), bias (V,) or None)`` as the model uses them now.

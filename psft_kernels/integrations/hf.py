@@ -304,9 +304,7 @@ class PSFTTrainer(Trainer):
         """
         kind = V.check_choice("loss_type", loss_type or self.args.loss_type, LOSS_TYPES)
         return self._core.loss_and_stats(model, inputs, loss_type=kind, old_logprobs=old_logprobs,
-                                         num_items_in_batch=num_items_in_batch,
-                                         engine_shards=self.engine in _engines.SHARDING,
-                                         low_precision=self._low_precision())
+                                         num_items_in_batch=num_items_in_batch, low_precision=self._low_precision())
 
     # ------------------------------------------------------------------------------------------
     # Evaluation and logging
