@@ -40,8 +40,11 @@ from psft_kernels.integrations.plain import count_targets, fused_logprobs, fused
 
 VOCAB = 101
 STEPS, GA, SEQS, K = 3, 2, 2, 2
-LR = 2.0  # large enough that PSFT's second step of a group clips some tokens
-LOSSES = ("sft", "dft", "psft", "asft")
+# Large enough that every loss moves the weights by O(0.1) in 3 steps and that PSFT's second step
+# of a group clips some tokens (DFT and ASFT's gradients are weighted by p ~ 1/V).
+LR = {"sft": 2.0, "sft_none": 2.0, "psft": 2.0, "dft": 100.0, "asft": 100.0}
+# sft_none: SFT through reduction="none", summed and divided by the step's target count by the caller
+LOSSES = ("sft", "dft", "psft", "asft", "sft_none")
 
 
 def make_model(kind: str, seed: int = 0, dtype=torch.float64) -> nn.Module:
@@ -81,9 +84,21 @@ def micro_batches(world: int, seed: int = 1):
     return steps
 
 
+def step_loss(runner, batch, loss_type, old, n, ref, monitor=None, stats_out=None):
+    opts = {"backend": "chunked", "chunk_size": 4} if monitor is not None else {}
+    if loss_type == "sft_none":
+        per_token, _ = fused_loss(runner, batch, loss_type="sft", reduction="none", ref_model=ref, **opts)
+        return per_token.sum() / n
+    loss, stats = fused_loss(runner, batch, loss_type=loss_type, old_logprobs=old, num_items_in_batch=n,
+                             ref_model=ref, kl_coef=0.5, **opts)
+    if stats_out is not None and loss_type == "psft":
+        stats_out.append(float(stats["clip_fraction"]))
+    return loss
+
+
 def train(runner: nn.Module, steps, loss_type: str, ref=None, world: int = 1, reduce=True, monitor=None):
     """3 SGD steps through the plain-loop API. ``world``: the factor that undoes the engine's average."""
-    opt = torch.optim.SGD([p for p in runner.parameters() if p.requires_grad], lr=LR)
+    opt = torch.optim.SGD([p for p in runner.parameters() if p.requires_grad], lr=LR[loss_type])
     clip = []
     old = {}
     for s, step in enumerate(steps):
@@ -93,12 +108,8 @@ def train(runner: nn.Module, steps, loss_type: str, ref=None, world: int = 1, re
         n = count_targets(step) if reduce else sum(b["labels"][:, 1:].ne(-100).sum() for b in step)
         for i, batch in enumerate(step):
             with monitor if (monitor is not None and s == 0 and i == 0) else contextlib.nullcontext():
-                loss, stats = fused_loss(runner, batch, loss_type=loss_type, old_logprobs=old.get((s, i)),
-                                         num_items_in_batch=n, ref_model=ref, kl_coef=0.5,
-                                         **({"backend": "chunked", "chunk_size": 4} if monitor is not None else {}))
+                loss = step_loss(runner, batch, loss_type, old.get((s, i)), n, ref, monitor, clip)
                 (loss * world).backward()
-            if loss_type == "psft":
-                clip.append(float(stats["clip_fraction"]))
         opt.step()
         opt.zero_grad()
     return clip
@@ -144,7 +155,7 @@ def compare(got: dict, want: nn.Module) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def wrap(engine: str, model: nn.Module, world: int):
+def wrap(engine: str, model: nn.Module, world: int, lr: float = 0.0):
     """The engine's wrapper around a prepared model, and facts that show the engine is active."""
     layers = type(model.model.layers[0])
     if engine == "ddp":
@@ -157,10 +168,12 @@ def wrap(engine: str, model: nn.Module, world: int):
         mesh = init_device_mesh("cpu", (world,))
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh)
-        if engine == "fsdp2_head_unit":  # the lm-head in a unit of its own (with the final norm, as accelerate does)
-            fully_shard([model.model.norm, model.lm_head], mesh=mesh, reshard_after_forward=False)
-        if engine == "fsdp2_head_alone":
-            fully_shard(model.lm_head, mesh=mesh)
+        # A tied head shares its weight with the input embedding: both must be in one unit.
+        tied = [model.model.embed_tokens] if model.lm_head.weight is model.model.embed_tokens.weight else []
+        if engine == "fsdp2_head_unit":  # the lm-head in a unit with the final norm, as accelerate does
+            fully_shard([model.model.norm, *tied, model.lm_head], mesh=mesh, reshard_after_forward=False)
+        if engine == "fsdp2_head_alone":  # the lm-head a unit of its own, resharded after its call
+            fully_shard([*tied, model.lm_head], mesh=mesh)
         reshard_root = engine == "fsdp2_reshard_root"
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard_root)
         return model, {"all_dtensor": all(isinstance(p, DTensor) for p in model.parameters()),
@@ -181,8 +194,9 @@ def wrap(engine: str, model: nn.Module, world: int):
         import deepspeed
         stage = int(engine[-1])
         cfg = {"train_micro_batch_size_per_gpu": SEQS, "gradient_accumulation_steps": GA,
-               "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0}
-        w, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=cfg)
+               "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+               "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0}
+        w, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), config=cfg)
         head = w.module.lm_head.weight
         return w, {"stage": w.zero_optimization_stage(), "head_numel_at_rest": head.numel(),
                    "head_ds_numel": getattr(head, "ds_numel", None)}
@@ -199,13 +213,9 @@ def train_deepspeed(engine, steps, loss_type, ref, world, monitor=None):
         n = count_targets(step)
         for i, batch in enumerate(step):
             with monitor if (monitor is not None and s == 0 and i == 0) else contextlib.nullcontext():
-                loss, stats = fused_loss(engine, batch, loss_type=loss_type, old_logprobs=old.get((s, i)),
-                                         num_items_in_batch=n, ref_model=ref, kl_coef=0.5,
-                                         **({"backend": "chunked", "chunk_size": 4} if monitor is not None else {}))
+                loss = step_loss(engine, batch, loss_type, old.get((s, i)), n, ref, monitor, clip)
                 engine.backward(loss * world, scale_wrt_gas=False)
             engine.step()  # an optimizer step only at the accumulation boundary (every GA micro-batches)
-            if loss_type == "psft":
-                clip.append(float(stats["clip_fraction"]))
     return clip
 
 
@@ -215,18 +225,29 @@ def plain_case(engine: str, kind: str, loss_type: str, rank: int, world: int, dt
     steps = micro_batches(world)
     mine = [[b for b in step[rank * GA:(rank + 1) * GA]] for step in steps]
     single = copy.deepcopy(start)
-    train(single, steps, loss_type, ref=ref, reduce=False)
+    # The truth: the same steps in one process, reduction="mean" over the concatenated batch.
+    train(single, steps, "sft" if loss_type == "sft_none" else loss_type, ref=ref, reduce=False)
+    single_lr = LR[loss_type]
     model = prepare_model(copy.deepcopy(start))
-    runner, facts = wrap(engine, model, world)
+    runner, facts = wrap(engine, model, world, single_lr)
     watch = LogitsWatch(VOCAB, start.config.hidden_size) if loss_type == "sft" else None
     if engine.startswith("zero"):
         clip = train_deepspeed(runner, mine, loss_type, ref, world, watch)
     else:
         clip = train(runner, mine, loss_type, ref=ref, world=world, monitor=watch)
+    got = full_params(runner, engine)
     out = {"engine": engine, "model": kind, "loss": loss_type, "dtype": str(dtype), "facts": facts,
            "clip": clip, "moved": max((p - q).abs().max().item() for p, q in
                                       zip(single.parameters(), start.parameters())),
-           **compare(full_params(runner, engine), single)}
+           **compare(got, single)}
+    if dtype != torch.float64:
+        # The float64 truth, to hold this run's error to the single-process run's error at its dtype.
+        truth = start.double()
+        train(truth, steps, "sft" if loss_type == "sft_none" else loss_type,
+              ref=None if ref is None else ref.double(), reduce=False)
+        out["err_vs_truth"] = compare(got, truth)["max_abs_diff"]
+        out["single_err_vs_truth"] = compare({k: v.detach() for k, v in single.named_parameters()},
+                                             truth)["max_abs_diff"]
     if watch is not None:
         # The fused path's largest logits block (chunk_size=4 rows), then the watch's own check:
         # the model's plain forward under the same engine must show its (B, T, V) logits.
@@ -263,19 +284,18 @@ def configured_state(engine: str):
     it would silently run DDP. Build its state here (gloo, cpu) with the engine's type set, and let
     the Trainer use it (accelerator_config={"use_configured_state": True})."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
-    from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin, TorchDynamoPlugin
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, TorchDynamoPlugin
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     if engine.startswith("zero"):
+        # Only the partial state: the Trainer's Accelerator adds the DeepSpeed plugin from args.deepspeed.
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         try:
-            plugin = DeepSpeedPlugin(hf_ds_config=ds_config(int(engine[-1])))
-            state = AcceleratorState(deepspeed_plugin=plugin, backend="gloo", dynamo_plugin=TorchDynamoPlugin(),
-                                     _from_accelerator=True)
+            state = PartialState(backend="gloo")
         finally:
             del os.environ["ACCELERATE_USE_DEEPSPEED"]
         assert state.distributed_type == DistributedType.DEEPSPEED, state.distributed_type
-        return {}
+        return
     version = 2 if engine.startswith("fsdp2") else 1
     kw = dict(fsdp_version=version, auto_wrap_policy="transformer_based_wrap",
               transformer_cls_names_to_wrap=["LlamaDecoderLayer"], sync_module_states=False,
@@ -288,14 +308,27 @@ def configured_state(engine: str):
     state.distributed_type = DistributedType.FSDP
     state.fsdp_plugin = plugin
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-    return {}
+    # FSDP1 compares its device_id with the parameters' device: "cpu", not the state's "cpu:0".
+    PartialState._shared_state["device"] = torch.device("cpu")
 
 
 def ds_config(stage: int) -> dict:
     # No "train_batch_size": "auto" would be filled in before the processes exist.
     return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-            "gradient_clipping": "auto", "zero_optimization": {"stage": stage},
+            "gradient_clipping": "auto",
+            # ZeRO-3 keeps parameters under the threshold whole: 0 partitions even this tiny model's.
+            "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
             "zero_allow_untested_optimizer": True}
+
+
+TRAINER_LR = {"sft": 0.5, "psft": 3.0, "dft": 50.0, "asft": 50.0}  # as LR, for test_hf's llama
+
+
+def trainer_args(out_dir, loss_type: str, **kw):
+    """The PSFTConfig of a trainer case; the single-process truth uses it with twice the accumulation."""
+    import test_hf as T
+    return T.config(Path(out_dir), loss_type=loss_type, max_steps=3, old_policy_refresh_steps=K,
+                    learning_rate=TRAINER_LR[loss_type], **kw)
 
 
 def trainer_case(engine: str, loss_type: str, tied: bool, rank: int, out_dir: str) -> dict:
@@ -305,9 +338,9 @@ def trainer_case(engine: str, loss_type: str, tied: bool, rank: int, out_dir: st
     model = T.llama(tie_word_embeddings=tied)
     ref = T.llama(seed=1) if loss_type == "asft" else None
     extra = {"deepspeed": ds_config(int(engine[-1])), "use_cpu": False} if engine.startswith("zero") else {}
-    args = T.config(Path(out_dir) / engine, loss_type=loss_type, max_steps=3, old_policy_refresh_steps=K,
-                    gradient_accumulation_steps=2, ddp_backend="gloo", average_tokens_across_devices=True,
-                    accelerator_config={"use_configured_state": True}, **extra)
+    args = trainer_args(Path(out_dir) / engine, loss_type, gradient_accumulation_steps=2, ddp_backend="gloo",
+                        average_tokens_across_devices=True, accelerator_config={"use_configured_state": True},
+                        **extra)
     trainer = PSFTTrainer(model=model, args=args, train_dataset=T.examples(), data_collator=T.collate, ref_model=ref)
     trainer.train()
     wrapped = trainer.model_wrapped
@@ -331,7 +364,7 @@ def trainer_case(engine: str, loss_type: str, tied: bool, rank: int, out_dir: st
 def run_trainer(rank, out_dir, engines):
     results = []
     for engine in engines:
-        for loss_type in LOSSES:
+        for loss_type in ("sft", "dft", "psft", "asft"):
             for tied in ((False, True) if loss_type == "sft" else (False,)):
                 results.append(trainer_case(engine, loss_type, tied, rank, out_dir))
     return results
@@ -341,8 +374,9 @@ def main(mode: str, out_dir: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if mode == "plain":
-        results = run_plain(rank, world, ["ddp", "fsdp2_reshard_root", "fsdp2_keep_root", "fsdp1_orig_params",
-                                          "fsdp1_flat_params"], torch.float64)
+        results = run_plain(rank, world, ["ddp", "fsdp2_reshard_root", "fsdp2_keep_root", "fsdp2_head_unit",
+                                          "fsdp2_head_alone", "fsdp1_orig_params", "fsdp1_flat_params"],
+                            torch.float64)
     elif mode == "deepspeed":
         results = run_plain(rank, world, ["zero2", "zero3"], torch.float32)
     elif mode == "trainer":

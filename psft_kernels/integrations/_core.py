@@ -104,12 +104,14 @@ class FusedLossCore:
     # ------------------------------------------------------------------------------------------
 
     def loss_and_stats(self, runner: nn.Module, inputs, *, loss_type: Optional[str] = None,
-                       old_logprobs: Optional[Tensor] = None, num_items_in_batch=None, low_precision: bool = False):
+                       old_logprobs: Optional[Tensor] = None, num_items_in_batch=None, reduction: str = "mean",
+                       low_precision: bool = False):
         """The fused loss of one micro-batch through ``runner`` and its stats dict (tensors).
 
         ``old_logprobs`` (PSFT): ``(B, T)`` like the labels, position t holding log pi_old(labels[t + 1]);
         None means pi_old = the current policy (ratio 1). Without ``num_items_in_batch`` the loss is the token
-        mean of this micro-batch.
+        mean of this micro-batch. ``reduction="none"``: the ``(B, T)`` per-token losses (0 where masked);
+        their backward needs the head again, which the engine re-gathers through the head call's hooks.
         """
         o = self.options
         kind = loss_type or o.loss_type
@@ -118,7 +120,7 @@ class FusedLossCore:
         self._verified(runner, self.head, inputs, low_precision)
         reference = self._reference(runner, inputs, low_precision) if kind == "asft" else None
         options = dict(entropy_coef=o.entropy_coef, num_items_in_batch=num_items_in_batch, backend=o.loss_backend,
-                       chunk_size=getattr(o, "chunk_size", None))
+                       chunk_size=getattr(o, "chunk_size", None), reduction=reduction)
         if kind == "psft":
             options.update(eps_low=o.eps_low, eps_high=o.eps_high)
         if kind == "asft":

@@ -74,7 +74,8 @@ def _plain(model: nn.Module) -> nn.Module:
 
 
 def fused_loss(model: nn.Module, batch: Mapping[str, Tensor], *, loss_type: str = "sft",
-               old_logprobs: Optional[Tensor] = None, num_items_in_batch=None, ref_model: Optional[nn.Module] = None,
+               old_logprobs: Optional[Tensor] = None, num_items_in_batch=None, reduction: str = "mean",
+               ref_model: Optional[nn.Module] = None,
                eps_low: float = 0.2, eps_high: float = 0.28, entropy_coef: float = 0.0, kl_coef: float = 0.05,
                kl_direction: str = "forward", backend: str = "auto", chunk_size: Optional[int] = None,
                verify_lm_head: bool = True) -> Tuple[Tensor, dict]:
@@ -82,7 +83,9 @@ def fused_loss(model: nn.Module, batch: Mapping[str, Tensor], *, loss_type: str 
 
     ``batch``: the model's inputs plus ``labels`` (HF's causal-LM labels, shifted here; -100 masked)
     or ``shift_labels``. ``old_logprobs``: PSFT's pi_old, ``(B, T)`` as :func:`fused_logprobs`
-    returns it (None: pi_old = the current policy). ``ref_model``: ASFT's frozen reference, held
+    returns it (None: pi_old = the current policy). ``reduction``: "mean" (over the micro-batch's
+    targets, or the sum over ``num_items_in_batch``), "sum", or "none" (``(B, T)`` per-token
+    losses, whose backward the engine serves by gathering the head again). ``ref_model``: ASFT's frozen reference, held
     whole on every process (not wrapped by the engine), or None for a peft model (its base model,
     adapter disabled). The head is checked once against the model's own logits unless
     ``verify_lm_head=False``. Under a sharding engine every process must make the same calls.
@@ -91,7 +94,7 @@ def fused_loss(model: nn.Module, batch: Mapping[str, Tensor], *, loss_type: str 
                  entropy_coef=entropy_coef, kl_coef=kl_coef, kl_direction=kl_direction, loss_backend=backend,
                  chunk_size=chunk_size, verify_lm_head=verify_lm_head)
     return core.loss_and_stats(model, batch, loss_type=loss_type, old_logprobs=old_logprobs,
-                               num_items_in_batch=num_items_in_batch)
+                               num_items_in_batch=num_items_in_batch, reduction=reduction)
 
 
 def fused_logprobs(model: nn.Module, batch: Mapping[str, Tensor], *, backend: str = "auto",
