@@ -5,7 +5,8 @@
 MODE ``plain``: the plain-loop API (psft_kernels.integrations.plain) under DDP, FSDP2
 (``fully_shard``, root resharded after forward or not), FSDP1 (``use_orig_params`` True/False);
 MODE ``deepspeed``: the same under ``deepspeed.initialize`` at ZeRO-2 and ZeRO-3; MODE ``trainer``:
-PSFTTrainer with accelerate's FSDP2 / FSDP1 / DeepSpeed ZeRO-2 / ZeRO-3 forced on the CPU.
+PSFTTrainer with accelerate's FSDP2 / FSDP1 / DeepSpeed ZeRO-2 / ZeRO-3 forced on the CPU
+(psft_kernels.integrations.cpu_engines: accelerate would silently run DDP there).
 
 Every case trains 3 optimizer steps (SGD) of SFT, DFT, PSFT (K=2) or ASFT on 2 processes x 2
 micro-batches of 2 sequences of different lengths (ragged token counts), and the same steps in one
@@ -36,6 +37,7 @@ faulthandler.enable()
 
 import transformers  # noqa: E402
 
+from psft_kernels.integrations.cpu_engines import force_engine  # noqa: E402
 from psft_kernels.integrations.plain import count_targets, fused_logprobs, fused_loss, prepare_model  # noqa: E402
 
 VOCAB = 101
@@ -107,7 +109,7 @@ def train(runner: nn.Module, steps, loss_type: str, ref=None, world: int = 1, re
                    for i, b in enumerate(steps[t])}
         n = count_targets(step) if reduce else sum(b["labels"][:, 1:].ne(-100).sum() for b in step)
         for i, batch in enumerate(step):
-            with monitor if (monitor is not None and s == 0 and i == 0) else contextlib.nullcontext():
+            with monitor if (monitor is not None and s == 0 and i == 1) else contextlib.nullcontext():
                 loss = step_loss(runner, batch, loss_type, old.get((s, i)), n, ref, monitor, clip)
                 (loss * world).backward()
         opt.step()
@@ -212,7 +214,7 @@ def train_deepspeed(engine, steps, loss_type, ref, world, monitor=None):
                    for i, b in enumerate(steps[t])}
         n = count_targets(step)
         for i, batch in enumerate(step):
-            with monitor if (monitor is not None and s == 0 and i == 0) else contextlib.nullcontext():
+            with monitor if (monitor is not None and s == 0 and i == 1) else contextlib.nullcontext():
                 loss = step_loss(engine, batch, loss_type, old.get((s, i)), n, ref, monitor, clip)
                 engine.backward(loss * world, scale_wrt_gas=False)
             engine.step()  # an optimizer step only at the accumulation boundary (every GA micro-batches)
@@ -249,28 +251,33 @@ def plain_case(engine: str, kind: str, loss_type: str, rank: int, world: int, dt
         out["single_err_vs_truth"] = compare({k: v.detach() for k, v in single.named_parameters()},
                                              truth)["max_abs_diff"]
     if watch is not None:
-        # The fused path's largest logits block (chunk_size=4 rows), then the watch's own check:
+        # The fused path's largest logits block (chunk_size=4 rows), watched on the second micro-batch
+        # (the first runs the once-per-model head probe: <= 32 tokens of one row), then the watch's own check:
         # the model's plain forward under the same engine must show its (B, T, V) logits.
-        out["fused_logit_rows"], out["tokens"] = watch.rows, mine[0][0]["input_ids"].numel()
+        out["fused_logit_rows"], out["tokens"] = watch.rows, mine[0][1]["input_ids"].numel()
         plain = LogitsWatch(VOCAB, start.config.hidden_size)
         with torch.no_grad(), plain:
-            runner(**{k: v for k, v in mine[0][0].items() if k != "labels"})
+            runner(**{k: v for k, v in mine[0][1].items() if k != "labels"})
         out["plain_logit_rows"] = plain.rows
     return out
+
+
+# Every loss on the untied Llama; the tied head and Qwen2's biases with SFT and PSFT (what they change
+# is the head's and the layers' parameters, not the loss): keeps the suite's distributed part short.
+CASES = [("llama", loss) for loss in LOSSES] + [(kind, loss) for kind in ("llama_tied", "qwen2") for loss in ("sft", "psft")]
 
 
 def run_plain(rank, world, engines, dtype):
     results = []
     for engine in engines:
-        for kind in ("llama", "llama_tied", "qwen2"):
-            for loss_type in LOSSES:
-                try:
-                    results.append(plain_case(engine, kind, loss_type, rank, world, dtype))
-                except Exception:  # recorded, so that the test names the failing case
-                    results.append({"engine": engine, "model": kind, "loss": loss_type,
-                                    "error": traceback.format_exc()[-3000:]})
-                    if engine.startswith(("fsdp", "zero")):
-                        raise  # a collective may be left half-done: stop rather than hang
+        for kind, loss_type in CASES:
+            try:
+                results.append(plain_case(engine, kind, loss_type, rank, world, dtype))
+            except Exception:  # recorded, so that the test names the failing case
+                results.append({"engine": engine, "model": kind, "loss": loss_type,
+                                "error": traceback.format_exc()[-3000:]})
+                if engine.startswith(("fsdp", "zero")):
+                    raise  # a collective may be left half-done: stop rather than hang
     return results
 
 
@@ -279,49 +286,11 @@ def run_plain(rank, world, engines, dtype):
 # ----------------------------------------------------------------------------------------------
 
 
-def configured_state(engine: str):
-    """accelerate enables FSDP only on GPU-type set-ups and DeepSpeed only without use_cpu: on a CPU
-    it would silently run DDP. Build its state here (gloo, cpu) with the engine's type set, and let
-    the Trainer use it (accelerator_config={"use_configured_state": True})."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, TorchDynamoPlugin
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    if engine.startswith("zero"):
-        # Only the partial state: the Trainer's Accelerator adds the DeepSpeed plugin from args.deepspeed.
-        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-        try:
-            state = PartialState(backend="gloo")
-        finally:
-            del os.environ["ACCELERATE_USE_DEEPSPEED"]
-        assert state.distributed_type == DistributedType.DEEPSPEED, state.distributed_type
-        return
-    version = 2 if engine.startswith("fsdp2") else 1
-    kw = dict(fsdp_version=version, auto_wrap_policy="transformer_based_wrap",
-              transformer_cls_names_to_wrap=["LlamaDecoderLayer"], sync_module_states=False,
-              cpu_ram_efficient_loading=False, state_dict_type="FULL_STATE_DICT")
-    if version == 1:
-        kw["use_orig_params"] = engine == "fsdp1_orig_params"
-    plugin = FullyShardedDataParallelPlugin(**kw)
-    state = AcceleratorState(cpu=True, backend="gloo", fsdp_plugin=plugin, dynamo_plugin=TorchDynamoPlugin(),
-                             _from_accelerator=True)
-    state.distributed_type = DistributedType.FSDP
-    state.fsdp_plugin = plugin
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-    # FSDP1 compares its device_id with the parameters' device: "cpu", not the state's "cpu:0".
-    PartialState._shared_state["device"] = torch.device("cpu")
-
-
-def ds_config(stage: int) -> dict:
-    # No "train_batch_size": "auto" would be filled in before the processes exist.
-    return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-            "gradient_clipping": "auto",
-            # ZeRO-3 keeps parameters under the threshold whole: 0 partitions even this tiny model's.
-            "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
-            "zero_allow_untested_optimizer": True}
-
-
-TRAINER_LR = {"sft": 0.5, "psft": 3.0, "dft": 50.0, "asft": 50.0}  # as LR, for test_hf's llama
+TRAINER_LR = {"sft": 2.0, "psft": 3.0, "dft": 150.0, "asft": 150.0}  # as LR, for test_hf's llama
+# FSDP2 and ZeRO-3 (the engines that shard the head at rest) with every loss; the others with SFT
+# (untied and tied) and PSFT.
+TRAINER_CASES = {"fsdp2": ("sft", "dft", "psft", "asft"), "zero3": ("sft", "dft", "psft", "asft"),
+                 "fsdp1_orig_params": ("sft", "psft"), "fsdp1_flat_params": ("sft", "psft"), "zero2": ("sft", "psft")}
 
 
 def trainer_args(out_dir, loss_type: str, **kw):
@@ -334,13 +303,11 @@ def trainer_args(out_dir, loss_type: str, **kw):
 def trainer_case(engine: str, loss_type: str, tied: bool, rank: int, out_dir: str) -> dict:
     import test_hf as T
     from psft_kernels.integrations.hf import PSFTTrainer
-    configured_state(engine)
+    extra = force_engine(engine.split("_")[0], ["LlamaDecoderLayer"], use_orig_params=engine != "fsdp1_flat_params")
     model = T.llama(tie_word_embeddings=tied)
     ref = T.llama(seed=1) if loss_type == "asft" else None
-    extra = {"deepspeed": ds_config(int(engine[-1])), "use_cpu": False} if engine.startswith("zero") else {}
-    args = trainer_args(Path(out_dir) / engine, loss_type, gradient_accumulation_steps=2, ddp_backend="gloo",
-                        average_tokens_across_devices=True, accelerator_config={"use_configured_state": True},
-                        **extra)
+    args = trainer_args(Path(out_dir) / engine, loss_type, gradient_accumulation_steps=2,
+                        average_tokens_across_devices=True, **extra)
     trainer = PSFTTrainer(model=model, args=args, train_dataset=T.examples(), data_collator=T.collate, ref_model=ref)
     trainer.train()
     wrapped = trainer.model_wrapped
@@ -364,7 +331,7 @@ def trainer_case(engine: str, loss_type: str, tied: bool, rank: int, out_dir: st
 def run_trainer(rank, out_dir, engines):
     results = []
     for engine in engines:
-        for loss_type in ("sft", "dft", "psft", "asft"):
+        for loss_type in TRAINER_CASES[engine]:
             for tied in ((False, True) if loss_type == "sft" else (False,)):
                 results.append(trainer_case(engine, loss_type, tied, rank, out_dir))
     return results
@@ -380,7 +347,7 @@ def main(mode: str, out_dir: str) -> None:
     elif mode == "deepspeed":
         results = run_plain(rank, world, ["zero2", "zero3"], torch.float32)
     elif mode == "trainer":
-        results = run_trainer(rank, out_dir, ["fsdp2", "fsdp1_orig_params", "fsdp1_flat_params", "zero2", "zero3"])
+        results = run_trainer(rank, out_dir, list(TRAINER_CASES))
     else:
         raise ValueError(mode)
     with open(os.path.join(out_dir, f"{mode}{rank}.json"), "w") as f:

@@ -255,3 +255,15 @@ def test_refused_setups_name_the_engine_and_what_to_do(tmp_path):
                                 ("DEEPSPEED", {"deepspeed_plugin": SimpleNamespace(
                                     deepspeed_config={"zero_optimization": {"stage": 3}})}, "zero3")):
         assert _engines.check_trainer(trainer(kind, **state)) == engine
+
+
+@pytest.mark.slow
+def test_fsdp_plain_example_matches_one_process():
+    """The README's command: examples/fsdp_plain.py under torchrun checks itself against one process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "examples", "fsdp_plain.py"), "--loss", "psft", "--check"]
+    done = subprocess.run(cmd, cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    lines = [line for line in done.stdout.splitlines() if "max |sharded - one process|" in line]
+    assert len(lines) == 2, done.stdout  # both ranks compared
+    assert any("clip_fraction 0.000" not in line for line in done.stdout.splitlines() if "clip_fraction" in line)
