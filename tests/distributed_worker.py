@@ -55,9 +55,28 @@ def make_model(kind: str, seed: int = 0, dtype=torch.float64) -> nn.Module:
                   num_key_value_heads=1, max_position_embeddings=64)
     if kind == "qwen2":  # q/k/v biases
         cfg = transformers.Qwen2Config(**common)
+    elif kind == "phi":  # an lm-head bias
+        cfg = transformers.PhiConfig(**{k: v for k, v in common.items() if k != "num_key_value_heads"},
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)
+    elif kind == "gemma2":  # final_logit_softcapping (a small cap, so that it matters)
+        cfg = transformers.Gemma2Config(head_dim=8, final_logit_softcapping=0.5, **common)
     else:
         cfg = transformers.LlamaConfig(tie_word_embeddings=kind == "llama_tied", **common)
-    return transformers.AutoModelForCausalLM.from_config(cfg).to(dtype)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(dtype)
+    if kind == "llama_ckpt":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if kind == "llama_lora":
+        import peft
+        torch.manual_seed(seed + 100)
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                           init_lora_weights=False))
+    return model
+
+
+def decoder(model: nn.Module) -> nn.Module:
+    """The decoder (``.layers``, ``.norm``, ``.embed_tokens``) of a causal LM, inside a peft model too."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model
 
 
 def micro_batches(world: int, seed: int = 1):
@@ -159,7 +178,9 @@ def compare(got: dict, want: nn.Module) -> dict:
 
 def wrap(engine: str, model: nn.Module, world: int, lr: float = 0.0):
     """The engine's wrapper around a prepared model, and facts that show the engine is active."""
-    layers = type(model.model.layers[0])
+    dec = decoder(model)
+    head = (model.get_base_model() if hasattr(model, "get_base_model") else model).lm_head
+    layers = type(dec.layers[0])
     if engine == "ddp":
         w = nn.parallel.DistributedDataParallel(model)
         return w, {"ddp": isinstance(w, nn.parallel.DistributedDataParallel)}
@@ -168,18 +189,22 @@ def wrap(engine: str, model: nn.Module, world: int, lr: float = 0.0):
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import DTensor
         mesh = init_device_mesh("cpu", (world,))
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
+        offload = {}
+        if engine == "fsdp2_offload":  # parameters kept on the CPU, copied to the device for each unit's call
+            from torch.distributed.fsdp import CPUOffloadPolicy
+            offload = {"offload_policy": CPUOffloadPolicy(pin_memory=False)}
+        for layer in dec.layers:
+            fully_shard(layer, mesh=mesh, **offload)
         # A tied head shares its weight with the input embedding: both must be in one unit.
-        tied = [model.model.embed_tokens] if model.lm_head.weight is model.model.embed_tokens.weight else []
+        tied = [dec.embed_tokens] if head.weight is dec.embed_tokens.weight else []
         if engine == "fsdp2_head_unit":  # the lm-head in a unit with the final norm, as accelerate does
-            fully_shard([model.model.norm, *tied, model.lm_head], mesh=mesh, reshard_after_forward=False)
+            fully_shard([dec.norm, *tied, head], mesh=mesh, reshard_after_forward=False, **offload)
         if engine == "fsdp2_head_alone":  # the lm-head a unit of its own, resharded after its call
-            fully_shard([*tied, model.lm_head], mesh=mesh)
-        reshard_root = engine == "fsdp2_reshard_root"
-        fully_shard(model, mesh=mesh, reshard_after_forward=reshard_root)
+            fully_shard([*tied, head], mesh=mesh, **offload)
+        reshard_root = engine in ("fsdp2_reshard_root", "fsdp2_offload")
+        fully_shard(model, mesh=mesh, reshard_after_forward=reshard_root, **offload)
         return model, {"all_dtensor": all(isinstance(p, DTensor) for p in model.parameters()),
-                       "local_rows": model.lm_head.weight.to_local().shape[0], "rows": VOCAB,
+                       "local_rows": head.weight.to_local().shape[0], "rows": VOCAB,
                        "reshard_root": reshard_root}
     if engine.startswith("fsdp1"):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -198,10 +223,10 @@ def wrap(engine: str, model: nn.Module, world: int, lr: float = 0.0):
         cfg = {"train_micro_batch_size_per_gpu": SEQS, "gradient_accumulation_steps": GA,
                "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
                "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0}
-        w, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), config=cfg)
-        head = w.module.lm_head.weight
-        return w, {"stage": w.zero_optimization_stage(), "head_numel_at_rest": head.numel(),
-                   "head_ds_numel": getattr(head, "ds_numel", None)}
+        params = [p for p in model.parameters() if p.requires_grad]
+        w, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(params, lr=lr), config=cfg)
+        return w, {"stage": w.zero_optimization_stage(), "head_numel_at_rest": head.weight.numel(),
+                   "head_ds_numel": getattr(head.weight, "ds_numel", None)}
     raise ValueError(engine)
 
 
@@ -223,7 +248,9 @@ def train_deepspeed(engine, steps, loss_type, ref, world, monitor=None):
 
 def plain_case(engine: str, kind: str, loss_type: str, rank: int, world: int, dtype) -> dict:
     start = make_model(kind, dtype=dtype)
-    ref = make_model(kind, seed=1, dtype=dtype).requires_grad_(False) if loss_type == "asft" else None
+    # ASFT's reference: a separate frozen model, or for a peft model its base with the adapter off.
+    ref = make_model(kind, seed=1, dtype=dtype).requires_grad_(False) if loss_type == "asft" and \
+        kind != "llama_lora" else None
     steps = micro_batches(world)
     mine = [[b for b in step[rank * GA:(rank + 1) * GA]] for step in steps]
     single = copy.deepcopy(start)
@@ -265,12 +292,33 @@ def plain_case(engine: str, kind: str, loss_type: str, rank: int, world: int, dt
 # Every loss on the untied Llama; the tied head and Qwen2's biases with SFT and PSFT (what they change
 # is the head's and the layers' parameters, not the loss): keeps the suite's distributed part short.
 CASES = [("llama", loss) for loss in LOSSES] + [(kind, loss) for kind in ("llama_tied", "qwen2") for loss in ("sft", "psft")]
+# Options, under the engines that shard the head at rest: an lm-head bias, softcap, gradient
+# checkpointing, peft LoRA (ASFT's reference then is the base model with the adapter disabled).
+OPTION_CASES = [("phi", "sft"), ("gemma2", "psft"), ("llama_ckpt", "sft"), ("llama_lora", "psft"),
+                ("llama_lora", "asft")]
+OPTION_ENGINES = ("fsdp2_reshard_root", "fsdp1_orig_params", "zero3")  # FSDP1 flat params refuse LoRA itself
+
+
+def refused_case(engine, kind, loss_type, rank, world, dtype) -> dict:
+    """A set-up the integration refuses under this engine: the error, before any step."""
+    model = prepare_model(make_model(kind, dtype=dtype))
+    runner, facts = wrap(engine, model, world)
+    batch = micro_batches(world)[0][rank * GA]
+    try:
+        fused_loss(runner, batch, loss_type=loss_type, num_items_in_batch=count_targets([batch]))
+    except ValueError as e:
+        return {"engine": engine, "model": kind, "loss": loss_type, "facts": facts, "refused": str(e)}
+    return {"engine": engine, "model": kind, "loss": loss_type, "error": "not refused"}
 
 
 def run_plain(rank, world, engines, dtype):
     results = []
     for engine in engines:
-        for kind, loss_type in CASES:
+        cases = [("llama", "sft"), ("llama", "psft")] if engine == "fsdp2_offload" else CASES
+        for kind, loss_type in cases + (OPTION_CASES if engine in OPTION_ENGINES else []):
+            if engine.startswith("fsdp1") and (kind, loss_type) == ("llama_lora", "asft"):
+                results.append(refused_case(engine, kind, loss_type, rank, world, dtype))
+                continue
             try:
                 results.append(plain_case(engine, kind, loss_type, rank, world, dtype))
             except Exception:  # recorded, so that the test names the failing case
@@ -342,8 +390,8 @@ def main(mode: str, out_dir: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     if mode == "plain":
         results = run_plain(rank, world, ["ddp", "fsdp2_reshard_root", "fsdp2_keep_root", "fsdp2_head_unit",
-                                          "fsdp2_head_alone", "fsdp1_orig_params", "fsdp1_flat_params"],
-                            torch.float64)
+                                          "fsdp2_head_alone", "fsdp2_offload", "fsdp1_orig_params",
+                                          "fsdp1_flat_params"], torch.float64)
     elif mode == "deepspeed":
         results = run_plain(rank, world, ["zero2", "zero3"], torch.float32)
     elif mode == "trainer":

@@ -76,7 +76,7 @@ def check_engine_active(case):
         assert facts["ddp"]
     elif engine.startswith("fsdp2"):
         assert facts["all_dtensor"] and facts["local_rows"] < facts["rows"], facts
-        assert facts["reshard_root"] == (engine == "fsdp2_reshard_root")
+        assert facts["reshard_root"] == (engine in ("fsdp2_reshard_root", "fsdp2_offload"))
     elif engine.startswith("fsdp1"):
         assert facts["fsdp1"] and facts["units"] >= 3 and facts["sharded"], facts  # root + one per layer
         assert facts["use_orig_params"] == (engine == "fsdp1_orig_params")
@@ -92,6 +92,10 @@ def check_engine_active(case):
 def check_case(case):
     name = f"{case['engine']}/{case['model']}/{case['loss']}"
     check_engine_active(case)
+    if "refused" in case:  # FSDP1 + a peft model's own base as ASFT's reference: refused, never trained
+        assert case["engine"].startswith("fsdp1") and (case["model"], case["loss"]) == ("llama_lora", "asft")
+        assert "FSDP1" in case["refused"] and "ref_model=" in case["refused"], case["refused"]
+        return
     assert not case["missing"], (name, case["missing"])
     assert case["moved"] >= 0.05, (name, case["moved"])  # the comparison is not between two starts
     if case["dtype"] == "torch.float64":
@@ -118,10 +122,12 @@ def check_runs(ranks, engines):
 @pytest.mark.slow
 def test_plain_loop_under_ddp_fsdp2_fsdp1_equals_one_process(plain_runs):
     """prepare_model + fused_loss under DDP, FSDP2 (root resharded after forward or not; the head
-    in the root, in a unit with the final norm, or alone) and FSDP1 (use_orig_params True / False):
-    tiny Llama (untied, tied) and Qwen2 (q/k/v bias), every loss, ragged token counts, float64."""
+    in the root, in a unit with the final norm, or alone; CPUOffloadPolicy) and FSDP1
+    (use_orig_params True / False): tiny Llama (untied, tied) and Qwen2 (q/k/v bias), every loss,
+    ragged token counts, float64; an lm-head bias (Phi), softcap (Gemma 2), gradient checkpointing
+    and peft LoRA under FSDP2 and FSDP1."""
     check_runs(plain_runs, ["ddp", "fsdp2_reshard_root", "fsdp2_keep_root", "fsdp2_head_unit", "fsdp2_head_alone",
-                            "fsdp1_orig_params", "fsdp1_flat_params"])
+                            "fsdp2_offload", "fsdp1_orig_params", "fsdp1_flat_params"])
 
 
 @pytest.mark.slow

@@ -26,15 +26,22 @@ import torch
 from torch import Tensor, nn
 
 from ._engines import shards_parameters
-from ._fused import (HeadInputsRequest, LogprobsRequest, LossRequest, ProbeRequest, Reference, REQUEST_KWARG,
+from ._fused import (HeadInputsRequest, armed_heads, LogprobsRequest, LossRequest, ProbeRequest, Reference, REQUEST_KWARG,
                      prepare_model, prepared_head)
-from ._lm_head import PRIVATE_PREFIX, PROBE_TOKENS, LMHead, forward_inputs, is_peft_model, shifted_targets
+from ._lm_head import PRIVATE_PREFIX, PROBE_TOKENS, LMHead, base_model, forward_inputs, is_peft_model, shifted_targets
 from ._metrics import TokenWeightedMeans
 
 LOSS_TYPES = ("psft", "sft", "dft", "asft")
 # The batch key under which a micro-batch carries its pi_old log-probs, shaped like its labels
 # and aligned with the shifted targets (position t holds log pi_old(labels[t + 1])).
 OLD_LOGPROBS_KEY = PRIVATE_PREFIX + "old_logprobs"
+
+
+# Measured: under FSDP1 the peft reference pass (adapter disabled) leaves updates that differ from one
+# process's (FSDP2 and ZeRO-3 match); refused rather than trained wrongly.
+FSDP1_PEFT_REFERENCE = (
+    "loss_type='asft' with a peft model's own base as the reference (no ref_model=) is not supported under "
+    "FSDP1: pass ref_model= (a frozen copy of the base model), or use FSDP2 or DeepSpeed")
 
 
 @contextlib.contextmanager
@@ -149,9 +156,13 @@ class FusedLossCore:
         unwrapped = _unwrapped(runner)
         if not is_peft_model(unwrapped):
             raise ValueError("loss_type='asft' needs ref_model= unless the model is a peft model")
+        if hasattr(runner, "_fsdp_wrapped_module"):
+            raise ValueError(FSDP1_PEFT_REFERENCE)
         with torch.no_grad(), eval_mode(runner), unwrapped.disable_adapter():
-            # A base head kept apart by modules_to_save is freed after its call under a sharding engine.
-            request = HeadInputsRequest(head, clone_weight=shards_parameters(runner))
+            # Only a base head kept apart by modules_to_save (several head modules) has to be carried out
+            # of its call, copied, under a sharding engine; a plain head is read in the policy's call.
+            several = len(armed_heads(base_model(unwrapped))) > 1
+            request = HeadInputsRequest(head, clone_weight=several and shards_parameters(runner))
             return Reference(runner(**kwargs, **{REQUEST_KWARG: request}))
 
 

@@ -60,7 +60,7 @@ def check_trainer(trainer) -> str:
         if version == 1 and getattr(offload, "offload_params", False):
             raise ValueError(
                 "FSDP1 with cpu_offload(offload_params=True) is not supported by PSFTTrainer (untested); use FSDP2 "
-                "(fsdp_version=2, whose CPUOffloadPolicy is supported) or no parameter offload")
+                "(fsdp_version=2; its CPUOffloadPolicy is tested) or no parameter offload")
         return f"fsdp{version}"
     if kind == "DEEPSPEED":
         plugin = acc.state.deepspeed_plugin

@@ -318,7 +318,7 @@ def prepared_head(model: nn.Module) -> Optional[LMHead]:
     return model.__dict__.get("_psft_head")
 
 
-def _armed_heads(base: nn.Module):
+def armed_heads(base: nn.Module):
     """The request-aware modules under the output embedding as the model uses it now (inside
     an FSDP1 wrapper, a peft ``modules_to_save`` wrapper's original and copies)."""
     heads = [m for m in base.get_output_embeddings().modules()
@@ -335,7 +335,7 @@ def _run(model: nn.Module, request: Request, args, kwargs):
     keep = request.head._keep_kwarg
     if keep is not None:
         kwargs[keep] = 0  # all positions go to the head: the armed head never forms their logits
-    heads = _armed_heads(base)
+    heads = armed_heads(base)
     for m in heads:
         m.__dict__[_ARMED] = request
     try:

@@ -8,9 +8,9 @@
 
 What the trainer does beyond ``transformers.Trainer`` (docs/method.md, "Training protocol"):
 
-* The loss is computed from the decoder's last hidden states and the lm-head's weight by the
-  fused kernels of :mod:`psft_kernels`; the ``(B, T, V)`` logits never exist (the model is asked
-  for the logits of one position per row). Labels are shifted as Hugging Face does (position t
+* The loss is computed by the fused kernels of :mod:`psft_kernels` inside the model's own call of
+  its lm-head, from the hidden states the model hands it and the head's weight (``_fused.py``);
+  the head returns a ``(B, T, 1)`` placeholder, so the ``(B, T, V)`` logits never exist. Labels are shifted as Hugging Face does (position t
   predicts ``labels[t + 1]``; ``-100`` is masked); the loss is the token sum divided by
   ``num_items_in_batch``, the target count of the whole accumulated batch, so ``n`` micro-batches
   of ``b`` make exactly the update of one batch of ``n * b``.
@@ -67,7 +67,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from .. import _validation as V
 from .. import backends
 from . import _engines
-from ._core import LOSS_TYPES, OLD_LOGPROBS_KEY, FusedLossCore
+from ._core import FSDP1_PEFT_REFERENCE, LOSS_TYPES, OLD_LOGPROBS_KEY, FusedLossCore
 from ._lm_head import IGNORE_INDEX, is_peft_model, shifted_targets
 
 __all__ = ["PSFTConfig", "PSFTTrainer", "MetricsJsonlCallback", "LOSS_TYPES", "OLD_LOGPROBS_KEY"]
@@ -153,6 +153,8 @@ class PSFTTrainer(Trainer):
             if reason is not None:
                 raise ValueError(f"loss_backend={args.loss_backend!r} cannot run on {args.device}: {reason}")
         self.engine = _engines.check_trainer(self)
+        if self.engine == "fsdp1" and args.loss_type == "asft" and ref_model is None:
+            raise ValueError(FSDP1_PEFT_REFERENCE)
         # Tells every transformers version that the loss is already normalized by num_items_in_batch
         # (no division by the accumulation steps) and that num_items_in_batch must be counted.
         self.model_accepts_loss_kwargs = True
