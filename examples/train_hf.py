@@ -140,7 +140,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine", choices=["auto", "ddp", "fsdp1", "fsdp2", "zero2", "zero3"], default="auto",
                    help="distributed engine (auto: what the launcher / accelerate config says)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # the deepspeed launcher
+    # The deepspeed launcher passes --local_rank; the process reads its rank from the environment.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p.parse_args(argv)
 
@@ -210,8 +211,8 @@ def main(argv=None) -> str:
     trainer.train()
     elapsed = time.perf_counter() - start
     last = [h for h in trainer.state.log_history if "nll" in h][-1:]
-    print(f"{args.loss} ({trainer.engine}, {trainer.args.world_size} process(es)): {trainer.state.global_step} steps in "
-          f"{elapsed:.1f} s; last log {last}")
+    print(f"{args.loss} ({trainer.engine}, {trainer.args.world_size} process(es)): {trainer.state.global_step} "
+          f"steps in {elapsed:.1f} s; last log {last}")
     print(f"metrics: {metrics_path}")
     return metrics_path
 

@@ -291,12 +291,14 @@ def plain_case(engine: str, kind: str, loss_type: str, rank: int, world: int, dt
 
 # Every loss on the untied Llama; the tied head and Qwen2's biases with SFT and PSFT (what they change
 # is the head's and the layers' parameters, not the loss): keeps the suite's distributed part short.
-CASES = [("llama", loss) for loss in LOSSES] + [(kind, loss) for kind in ("llama_tied", "qwen2") for loss in ("sft", "psft")]
+CASES = [("llama", loss) for loss in LOSSES] + [(kind, loss) for kind in ("llama_tied", "qwen2")
+                                                for loss in ("sft", "psft")]
 # Options, under the engines that shard the head at rest: an lm-head bias, softcap, gradient
 # checkpointing, peft LoRA (ASFT's reference then is the base model with the adapter disabled).
 OPTION_CASES = [("phi", "sft"), ("gemma2", "psft"), ("llama_ckpt", "sft"), ("llama_lora", "psft"),
                 ("llama_lora", "asft")]
 OPTION_ENGINES = ("fsdp2_reshard_root", "fsdp1_orig_params", "zero3")  # FSDP1 flat params refuse LoRA itself
+LAYOUT_CASES = [("llama", "sft"), ("llama", "psft"), ("llama_tied", "sft")]
 
 
 def refused_case(engine, kind, loss_type, rank, world, dtype) -> dict:
@@ -314,7 +316,8 @@ def refused_case(engine, kind, loss_type, rank, world, dtype) -> dict:
 def run_plain(rank, world, engines, dtype):
     results = []
     for engine in engines:
-        cases = [("llama", "sft"), ("llama", "psft")] if engine == "fsdp2_offload" else CASES
+        # Variants of FSDP2's layout: the head-relevant cases only (the losses run the same code).
+        cases = LAYOUT_CASES if engine in ("fsdp2_keep_root", "fsdp2_head_alone", "fsdp2_offload") else CASES
         for kind, loss_type in cases + (OPTION_CASES if engine in OPTION_ENGINES else []):
             if engine.startswith("fsdp1") and (kind, loss_type) == ("llama_lora", "asft"):
                 results.append(refused_case(engine, kind, loss_type, rank, world, dtype))

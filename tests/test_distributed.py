@@ -113,6 +113,8 @@ def check_runs(ranks, engines):
     for cases in ranks:  # each process gathered the full parameters and compared them itself
         assert {c["engine"] for c in cases} == set(engines)
         assert {c["loss"] for c in cases} == {"sft", "dft", "psft", "asft", "sft_none"}
+        for engine in engines:
+            assert {c["loss"] for c in cases if c["engine"] == engine} >= {"sft", "psft"}, engine
         for case in cases:
             check_case(case)
         # PSFT: a learning rate at which some tokens clip (else the ratio could be ignored unseen)

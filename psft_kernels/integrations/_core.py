@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from ._engines import shards_parameters
-from ._fused import (HeadInputsRequest, armed_heads, LogprobsRequest, LossRequest, ProbeRequest, Reference, REQUEST_KWARG,
-                     prepare_model, prepared_head)
+from ._fused import (REQUEST_KWARG, HeadInputsRequest, LogprobsRequest, LossRequest, ProbeRequest, Reference,
+                     armed_heads, prepare_model, prepared_head)
 from ._lm_head import PRIVATE_PREFIX, PROBE_TOKENS, LMHead, base_model, forward_inputs, is_peft_model, shifted_targets
 from ._metrics import TokenWeightedMeans
 

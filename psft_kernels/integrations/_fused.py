@@ -136,8 +136,7 @@ class LossRequest(Request):
             opts["old_logprobs"] = old
         if self.kind == "asft":
             opts.update(zip(("ref_hidden", "ref_weight", "ref_bias"), self.reference.tensors(module, weight)))
-        out = LOSSES[self.kind](hidden, weight, targets, **opts)
-        loss, stats = out
+        loss, stats = LOSSES[self.kind](hidden, weight, targets, **opts)
         return {"loss": loss, **{k: v for k, v in stats.items() if isinstance(v, Tensor)}}
 
     def finish(self, output, aux):

@@ -10,10 +10,10 @@ What the trainer does beyond ``transformers.Trainer`` (docs/method.md, "Training
 
 * The loss is computed by the fused kernels of :mod:`psft_kernels` inside the model's own call of
   its lm-head, from the hidden states the model hands it and the head's weight (``_fused.py``);
-  the head returns a ``(B, T, 1)`` placeholder, so the ``(B, T, V)`` logits never exist. Labels are shifted as Hugging Face does (position t
-  predicts ``labels[t + 1]``; ``-100`` is masked); the loss is the token sum divided by
-  ``num_items_in_batch``, the target count of the whole accumulated batch, so ``n`` micro-batches
-  of ``b`` make exactly the update of one batch of ``n * b``.
+  the head returns a ``(B, T, 1)`` placeholder, so the ``(B, T, V)`` logits never exist. Labels are
+  shifted as Hugging Face does (position t predicts ``labels[t + 1]``; ``-100`` is masked); the
+  loss is the token sum divided by ``num_items_in_batch``, the target count of the whole
+  accumulated batch, so ``n`` micro-batches of ``b`` make exactly the update of one batch of ``n * b``.
 * PSFT's pi_old: at the start of every group of ``old_policy_refresh_steps`` (K) optimizer steps
   the trainer fetches the group's ``K x gradient_accumulation_steps`` micro-batches, computes
   their per-token log-probs under the current model once (eval mode, no gradient, the fused
