@@ -9,6 +9,12 @@ With --model, any local Hugging Face causal LM and its tokenizer (nothing is dow
 --dataset, a .jsonl file of {"prompt": ..., "completion": ...} or {"text": ...} objects, or a
 .txt file with one training text per line.
 
+Several processes: launch with torchrun (or accelerate launch / deepspeed) and pick the engine with
+--engine ddp | fsdp1 | fsdp2 | zero2 | zero3 (docs/distributed.md). On CPUs the engine is forced
+through psft_kernels.integrations.cpu_engines (accelerate would silently run DDP there):
+
+    torchrun --standalone --nproc_per_node 2 examples/train_hf.py --engine fsdp2 --max-steps 5 --output-dir runs/fsdp2
+
 Writes OUTPUT_DIR/metrics.jsonl: one JSON object per logged step (loss, nll, entropy, tokens,
 and clip_fraction / ratio_mean / approx_kl for PSFT, kl for ASFT, plus step).
 """
@@ -132,8 +138,31 @@ def parse_args(argv=None):
     p.add_argument("--backend", default="auto", help="psft_kernels backend")
     p.add_argument("--logging-steps", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", choices=["auto", "ddp", "fsdp1", "fsdp2", "zero2", "zero3"], default="auto",
+                   help="distributed engine (auto: what the launcher / accelerate config says)")
+    # The deepspeed launcher passes --local_rank; the process reads its rank from the environment.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p.parse_args(argv)
+
+
+def engine_arguments(engine: str, model) -> dict:
+    """TrainingArguments that select ``engine``; on CPUs accelerate's state is forced (cpu_engines)."""
+    if engine == "auto":
+        return {}
+    layers = list(getattr(model, "_no_split_modules", None) or []) or None  # FSDP's units: the decoder layers
+    if not torch.cuda.is_available():
+        from psft_kernels.integrations.cpu_engines import force_engine
+
+        return force_engine(engine, layers)
+    if engine.startswith("zero"):
+        from psft_kernels.integrations.cpu_engines import deepspeed_config
+
+        return {"deepspeed": deepspeed_config(int(engine[-1]))}
+    if engine.startswith("fsdp"):
+        return {"fsdp": "full_shard auto_wrap",
+                "fsdp_config": {"version": int(engine[-1]), "transformer_layer_cls_to_wrap": layers}}
+    return {}
 
 
 def main(argv=None) -> str:
@@ -153,7 +182,7 @@ def main(argv=None) -> str:
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     elif args.loss == "asft":
         ref_model = copy.deepcopy(model)  # the frozen starting point
-    extra = {}
+    extra = engine_arguments(args.engine, model)
     if args.gradient_checkpointing:  # renamed activation_checkpointing in transformers 5.2x
         names = {f.name for f in dataclasses.fields(PSFTConfig)}
         extra["activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"] = True
@@ -182,7 +211,8 @@ def main(argv=None) -> str:
     trainer.train()
     elapsed = time.perf_counter() - start
     last = [h for h in trainer.state.log_history if "nll" in h][-1:]
-    print(f"{args.loss}: {trainer.state.global_step} steps in {elapsed:.1f} s; last log {last}")
+    print(f"{args.loss} ({trainer.engine}, {trainer.args.world_size} process(es)): {trainer.state.global_step} "
+          f"steps in {elapsed:.1f} s; last log {last}")
     print(f"metrics: {metrics_path}")
     return metrics_path
 

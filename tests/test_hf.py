@@ -207,7 +207,7 @@ def test_sft_loss_equals_model_loss_for_other_heads(tmp_path, kind):
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
     trainer = _loss_vs_model(model, tmp_path, batch_of())
-    head = trainer._heads[id(model)][1]
+    head = trainer._core.head
     if kind == "phi_bias":
         assert head.weights(model)[1] is not None
     if kind == "gemma2_softcap":
@@ -486,9 +486,8 @@ def test_peft_lora_psft_trains_only_the_adapter(tmp_path):
 def test_lora_on_the_lm_head_is_refused(tmp_path):
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
-    trainer = PSFTTrainer(model=model, args=config(tmp_path, loss_type="sft"))
-    with pytest.raises(TypeError, match="tuner layer"):
-        trainer.compute_loss(model, batch_of())
+    with pytest.raises(TypeError, match="tuner layer"):  # at construction, before any step
+        PSFTTrainer(model=model, args=config(tmp_path, loss_type="sft"))
 
 
 def test_bf16_model_trains_and_matches_fp32_nll(tmp_path):
@@ -574,3 +573,70 @@ def test_plain_pytorch_example_learns(capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
     nll = [float(line.split("nll")[1].split()[0]) for line in lines]
     assert len(nll) >= 3 and nll[-1] < 0.5 * nll[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# MoE: the router's auxiliary loss is added as the model's own forward adds it
+# ----------------------------------------------------------------------------------------------
+
+
+def moe(kind, seed=0):
+    """Tiny random-init MoE causal LMs whose forward adds router_aux_loss_coef * aux_loss to its loss."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64, output_router_logits=True, router_aux_loss_coef=0.5)
+    if kind == "mixtral":
+        cfg = transformers.MixtralConfig(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, **common)
+    elif kind == "qwen2_moe":
+        cfg = transformers.Qwen2MoeConfig(intermediate_size=32, moe_intermediate_size=16,
+                                          shared_expert_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+                                          decoder_sparse_step=1, **common)
+    else:
+        cfg = transformers.Qwen3MoeConfig(intermediate_size=32, moe_intermediate_size=16, num_experts=4,
+                                          num_experts_per_tok=2, decoder_sparse_step=1, head_dim=8, **common)
+    return transformers.AutoModelForCausalLM.from_config(cfg)
+
+
+MOE_KINDS = ["mixtral", "qwen2_moe", "qwen3_moe"]
+
+
+@pytest.mark.parametrize("kind", MOE_KINDS)
+@pytest.mark.parametrize("loss_type", ["sft", "dft", "psft", "asft"])
+def test_moe_router_loss_is_added_as_the_model_adds_it(tmp_path, kind, loss_type):
+    model, batch = moe(kind), batch_of()
+    ref = moe(kind, seed=1) if loss_type == "asft" else None
+    trainer = PSFTTrainer(model=model, args=config(tmp_path, loss_type=loss_type), ref_model=ref)
+    model.train()
+    own = model(**batch)
+    assert own.aux_loss is not None and own.aux_loss.item() > 0
+    n = torch.tensor(29)
+    with_aux, stats = trainer.compute_loss_and_stats(model, batch, num_items_in_batch=n)
+    model.config.output_router_logits = False
+    without, _ = trainer.compute_loss_and_stats(model, batch, num_items_in_batch=n)
+    # The router loss is not divided by num_items_in_batch: the model's forward adds it per micro-batch.
+    assert (with_aux - without).item() == pytest.approx(0.5 * own.aux_loss.item(), rel=1e-5, abs=1e-6)
+    assert stats["aux_loss"].item() == pytest.approx(own.aux_loss.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", MOE_KINDS)
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_moe_training_equals_the_stock_trainer(tmp_path, kind, grad_accum):
+    """Step losses and final weights of plain Trainer on the model's own loss (CE + coef * aux)."""
+    start, data = moe(kind), examples()
+    stock_model = copy.deepcopy(start)
+    stock_args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "stock"), max_steps=3, per_device_train_batch_size=2,
+        gradient_accumulation_steps=grad_accum, logging_steps=1, report_to="none", save_strategy="no",
+        disable_tqdm=True, use_cpu=True, optim="sgd", learning_rate=0.5, seed=0)
+    stock = transformers.Trainer(model=stock_model, args=stock_args, train_dataset=data, data_collator=collate)
+    stock.train()
+    # PSFT with pi_old refreshed every step has ratio 1 and SFT's gradient: the same weights as well.
+    for loss_type, refresh in (("sft", 1), ("psft", 1)):
+        ours = train(copy.deepcopy(start), tmp_path, data, loss_type=loss_type, old_policy_refresh_steps=refresh,
+                     gradient_accumulation_steps=grad_accum)
+        assert_params_differ(stock_model, start)
+        assert_params_close(ours.model, stock_model)
+        if loss_type == "sft":
+            theirs = [h["loss"] for h in stock.state.log_history if "loss" in h]
+            mine = [h["loss"] for h in step_logs(ours)]
+            assert mine == pytest.approx(theirs, rel=1e-5), (mine, theirs)

@@ -3,12 +3,10 @@
 The fused losses need what goes *into* the lm-head (the decoder's last hidden states) and the
 head's parameters, never the logits. They are found without patching any model class:
 
-* hidden states: a forward hook on ``model.get_decoder()`` records the decoder's output while the
-  model runs its own ``forward`` with ``logits_to_keep=1``, so that the model projects one
-  position per row onto the vocabulary instead of all of them. Going through the model's own
-  ``forward`` (not calling the decoder directly) keeps whatever the model does before its
-  decoder, and keeps DDP's gradient synchronisation, which is armed only by the DDP wrapper's
-  ``forward``.
+* hidden states: what the model itself hands its lm-head, inside its own ``forward`` (see
+  ``_fused.py``): whatever the model does before its head is kept, and the engine's work (DDP's
+  gradient synchronisation, FSDP's and ZeRO-3's parameter gathering) is armed by its wrapper's
+  ``forward`` as usual.
 * the head: ``model.get_output_embeddings()``: its ``weight`` (the input embedding's parameter
   itself when the two are tied, so the gradient reaches the shared tensor) and its ``bias``.
 * the logit transform: ``final_logit_softcapping`` from the (text) config (Gemma 2 and later).
@@ -24,7 +22,6 @@ inside a ``peft`` model).
 from __future__ import annotations
 
 import inspect
-import warnings
 from typing import Mapping, Optional, Tuple
 
 import torch
@@ -36,7 +33,7 @@ IGNORE_INDEX = -100  # Hugging Face's label mask
 # with this prefix are data attached by the trainer (pi_old log-probs).
 PRIVATE_PREFIX = "psft_"
 _LOSS_KEYS = ("labels", "shift_labels", "num_items_in_batch")
-_PROBE_TOKENS = 32  # tokens of one row used to check the head against the model's own logits
+PROBE_TOKENS = 32  # tokens of one row used to check the head against the model's own logits
 
 
 def shifted_targets(inputs: Mapping[str, Tensor]) -> Tensor:  # (B, T) int64
@@ -114,13 +111,8 @@ class LMHead:
         self.temperature = 1.0  # becomes 1/c when verify() finds the model multiplying its logits by c
         self.verified = False
         params = inspect.signature(base.forward).parameters
+        # Passed as 0 (all positions) where the forward takes it: the armed head gets every position.
         self._keep_kwarg = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
-        if self._keep_kwarg is None:
-            warnings.warn(
-                f"{type(base).__name__}.forward takes no logits_to_keep: it will compute (and throw away) the full "
-                "logits on every step, so the memory the fused loss saves is spent anyway",
-                stacklevel=3,
-            )
 
     def weights(self, model: nn.Module) -> Tuple[Tensor, Optional[Tensor]]:
         """The output embedding's ``(weight (V, D), bias (V,) or None)`` as the model uses them now.
@@ -137,46 +129,15 @@ class LMHead:
                 "needs the plain head weight; leave the lm-head out of target_modules (modules_to_save is fine)"
             )
         weight, bias = getattr(head, "weight", None), getattr(head, "bias", None)
-        if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-            got = type(weight).__name__ if not isinstance(weight, Tensor) else f"{weight.dtype} {tuple(weight.shape)}"
+        # A ZeRO-3 parameter (built under deepspeed.zero.Init) is (0,) at rest; its ds_shape is its shape.
+        shape = tuple(getattr(weight, "ds_shape", getattr(weight, "shape", ())))
+        if not isinstance(weight, Tensor) or len(shape) != 2 or not weight.is_floating_point():
+            got = type(weight).__name__ if not isinstance(weight, Tensor) else f"{weight.dtype} {shape}"
             raise TypeError(
                 f"{self.what}'s output embedding ({type(head).__name__}) must have a floating (V, D) weight, as a "
                 f"plain or tied nn.Linear has (a quantized lm-head is not supported); got {got}"
             )
         return weight, bias if isinstance(bias, Tensor) else None
-
-    def hidden_states(self, model: nn.Module, inputs: Mapping[str, Tensor], *,
-                      runner: Optional[nn.Module] = None, keep_logits: Optional[int] = 1) -> Tensor:  # (B, T, D)
-        """The decoder's last hidden states for ``inputs``, from the model's own forward.
-
-        ``model`` is the unwrapped model (its decoder gets the hook); ``runner`` is what is called,
-        e.g. the DDP wrapper around it. ``keep_logits=None`` lets the model compute all its logits
-        (the result is returned as the second element of a pair then).
-        """
-        decoder = base_model(model).get_decoder()
-        seen = []
-
-        def record(_module, _args, output):
-            h = getattr(output, "last_hidden_state", None)
-            seen.append(output[0] if h is None else h)
-
-        kwargs = forward_inputs(inputs)
-        kwargs["use_cache"] = False
-        if keep_logits is not None and self._keep_kwarg is not None:
-            kwargs[self._keep_kwarg] = keep_logits
-        handle = decoder.register_forward_hook(record)
-        try:
-            output = (runner if runner is not None else model)(**kwargs)
-        finally:
-            handle.remove()
-        if len(seen) != 1:
-            raise RuntimeError(
-                f"{self.what}'s decoder ({type(decoder).__name__}) ran {len(seen)} times in one forward; "
-                "cannot tell which output feeds the lm-head"
-            )
-        if keep_logits is None:
-            return seen[0], output
-        return seen[0]
 
     def logits_from(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         """The materialized logits this head stands for, in float64 (for checks only)."""
@@ -187,33 +148,20 @@ class LMHead:
             x = self.softcap * torch.tanh(x / self.softcap)
         return x / self.temperature
 
-    @torch.no_grad()
-    def verify(self, model: nn.Module, input_ids: Tensor, *, low_precision: bool) -> None:
+    def verify(self, logits: Tensor, reconstructed: Tensor, *, low_precision: bool) -> None:
         """Check, once, that the head reproduces the model's own logits on a few tokens.
 
-        Runs the full forward (all logits) on the first ``_PROBE_TOKENS`` tokens of one row in eval
-        mode. A constant factor between the two is adopted as ``temperature = 1 / factor``; any
-        other mismatch raises, naming the error found.
+        ``logits``: the model's own logits for a probe of ``PROBE_TOKENS`` tokens (eval mode);
+        ``reconstructed``: :meth:`logits_from` of its hidden states and head, taken inside the
+        head's call (``_fused.ProbeRequest``). A constant factor between the two is adopted as
+        ``temperature = 1 / factor``; any other mismatch raises, naming the error found.
         """
-        was_training = model.training
-        model.eval()
-        try:
-            ids = input_ids[:1, :_PROBE_TOKENS]
-            hidden, output = self.hidden_states(model, {"input_ids": ids}, keep_logits=None)
-        finally:
-            model.train(was_training)
-        logits = getattr(output, "logits", None)
-        if logits is None:
-            logits = output[0]
-        weight, bias = self.weights(model)
-        hidden, logits = hidden.to(weight.device), logits.to(weight.device)  # a model split over devices
-        low_precision = low_precision or any(
-            t.dtype in (torch.float16, torch.bfloat16) for t in (hidden, weight, logits))
-        y, x = logits.double(), self.logits_from(hidden, weight, bias)
+        low_precision = low_precision or logits.dtype in (torch.float16, torch.bfloat16)
+        y, x = logits.double().to(reconstructed.device), reconstructed * self.temperature
         if y.shape != x.shape:
             raise ValueError(
-                f"{self.what}: logits of shape {tuple(y.shape)} cannot come from hidden states {tuple(hidden.shape)} "
-                f"and an lm-head {tuple(weight.shape)}; this model's head is not supported"
+                f"{self.what}: logits of shape {tuple(y.shape)} cannot come from its hidden states and lm-head "
+                f"(which give {tuple(x.shape)}); this model's head is not supported"
             )
         tol = (3e-2 if low_precision else 1e-3) * max(1.0, y.abs().max().item())
         err = (y - x).abs().max().item()

@@ -23,6 +23,7 @@ STAT_NAMES = {
     "ratio_mean": "ratio_mean",
     "approx_kl": "approx_kl",
     "kl": "kl",
+    "aux_loss": "aux_loss",  # a MoE router's loss (one value per micro-batch, token-weighted here like the rest)
 }
 
 

@@ -6,23 +6,35 @@
     trainer = PSFTTrainer(model=model, args=args, train_dataset=train, data_collator=collator)
     trainer.train()
 
-What the trainer does beyond ``transformers.Trainer`` (METHOD.md, "Training protocol"):
+What the trainer does beyond ``transformers.Trainer`` (docs/method.md, "Training protocol"):
 
-* The loss is computed from the decoder's last hidden states and the lm-head's weight by the
-  fused kernels of :mod:`psft_kernels`; the ``(B, T, V)`` logits never exist (the model is asked
-  for the logits of one position per row). Labels are shifted as Hugging Face does (position t
-  predicts ``labels[t + 1]``; ``-100`` is masked); the loss is the token sum divided by
-  ``num_items_in_batch``, the target count of the whole accumulated batch, so ``n`` micro-batches
-  of ``b`` make exactly the update of one batch of ``n * b``.
+* The loss is computed by the fused kernels of :mod:`psft_kernels` inside the model's own call of
+  its lm-head, from the hidden states the model hands it and the head's weight (``_fused.py``);
+  the head returns a ``(B, T, 1)`` placeholder, so the ``(B, T, V)`` logits never exist. Labels are
+  shifted as Hugging Face does (position t predicts ``labels[t + 1]``; ``-100`` is masked); the
+  loss is the token sum divided by ``num_items_in_batch``, the target count of the whole
+  accumulated batch, so ``n`` micro-batches of ``b`` make exactly the update of one batch of ``n * b``.
 * PSFT's pi_old: at the start of every group of ``old_policy_refresh_steps`` (K) optimizer steps
   the trainer fetches the group's ``K x gradient_accumulation_steps`` micro-batches, computes
   their per-token log-probs under the current model once (eval mode, no gradient, the fused
-  forward-only pass), then trains on them. The first step of a group therefore has ratio 1
-  everywhere, an SFT step. A group ends early at the end of an epoch or at ``max_steps``, and a
+  forward-only pass), then trains on them. pi_old is the policy itself, scored without dropout:
+  the first step of a group has ratio 1 everywhere (an SFT step) for a model without dropout;
+  with dropout, training runs in train mode and that step's ratios are the dropout noise
+  around 1 (GPT-2's first PSFT loss is about -0.996, not -1). Set the model's dropout to 0 for
+  the exact protocol. A group ends early at the end of an epoch or at ``max_steps``, and a
   run resumed from a checkpoint starts a new group.
 * ``sft_warmup_steps``: the first optimizer steps use SFT, whatever ``loss_type`` says.
 * ASFT's reference: ``ref_model`` (frozen, eval mode, no gradient), or for a peft model without
   one, the same model with its adapter disabled.
+* MoE models (Mixtral, Qwen2-MoE, Qwen3-MoE, ...) with ``output_router_logits``: the router's
+  ``aux_loss`` is added to every loss type exactly as the model's forward adds it to its own
+  loss: ``router_aux_loss_coef * aux_loss`` per micro-batch (not divided by the token count;
+  under gradient accumulation and across processes it is scaled as ``Trainer`` scales the
+  model's loss), and logged as ``aux_loss``.
+* Distributed: the loss, the pi_old pass, the reference pass and the head probe run inside the
+  lm-head's module call (``_fused.py``), so DDP, FSDP1, FSDP2 and DeepSpeed ZeRO-0..3 work as
+  configured through ``TrainingArguments`` (docs/distributed.md). Each process's logged ``loss``
+  is its own micro-batches' share of the global token mean times the number of processes.
 * Metrics, logged at every logging step beside Hugging Face's ``loss``: ``nll`` and ``entropy``
   (token means), ``tokens`` (target tokens since the last log), and for PSFT ``clip_fraction``
   (``_high``, ``_low``), ``ratio_mean``, ``approx_kl`` (mean of old - new log-prob), for ASFT
@@ -32,10 +44,11 @@ What the trainer does beyond ``transformers.Trainer`` (METHOD.md, "Training prot
   fused head when ``prediction_loss_only=True``; otherwise through the model's own forward.
 
 Tested on CPU with transformers 4.46, 5.17 and 5.23: fp32 and bf16 models, autocast,
-gradient checkpointing, peft LoRA, DDP (2 processes). Not supported: DataParallel
-(``n_gpu > 1``; launch with ``torchrun``), FSDP, DeepSpeed, context / sequence parallelism,
-label smoothing, ``compute_loss_func``, prompt-learning peft adapters, a peft tuner on the
-lm-head, and MoE auxiliary losses (a router loss the model adds to its own loss is not added).
+gradient checkpointing, peft LoRA; with transformers 5.23, 2 gloo processes under DDP, FSDP1,
+FSDP2 and DeepSpeed ZeRO-2/3. Not supported (refused before the first step): DataParallel
+(``n_gpu > 1``; launch with ``torchrun``), tensor / context / sequence parallelism, parameter
+offload under FSDP1 or DeepSpeed, label smoothing, ``compute_loss_func``, prompt-learning peft
+adapters, a peft tuner on the lm-head.
 """
 
 from __future__ import annotations
@@ -53,16 +66,11 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .. import _validation as V
 from .. import backends
-from ..api import linear_asft_loss, linear_dft_loss, linear_logprobs, linear_psft_loss, linear_sft_loss
-from ._lm_head import IGNORE_INDEX, PRIVATE_PREFIX, LMHead, is_peft_model, shifted_targets
-from ._metrics import TokenWeightedMeans
+from . import _engines
+from ._core import FSDP1_PEFT_REFERENCE, LOSS_TYPES, OLD_LOGPROBS_KEY, FusedLossCore
+from ._lm_head import IGNORE_INDEX, is_peft_model, shifted_targets
 
 __all__ = ["PSFTConfig", "PSFTTrainer", "MetricsJsonlCallback", "LOSS_TYPES", "OLD_LOGPROBS_KEY"]
-
-LOSS_TYPES = ("psft", "sft", "dft", "asft")
-# The batch key under which a micro-batch carries its pi_old log-probs, shaped like its labels
-# and aligned with the shifted targets (position t holds log pi_old(labels[t + 1])).
-OLD_LOGPROBS_KEY = PRIVATE_PREFIX + "old_logprobs"
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -75,7 +83,7 @@ def _check_int(name: str, value, minimum: int) -> int:
 
 @dataclass
 class PSFTConfig(TrainingArguments):
-    """``TrainingArguments`` plus the loss options. The official PSFT recipe (METHOD.md): lr 1e-6,
+    """``TrainingArguments`` plus the loss options. The official PSFT recipe (docs/method.md): lr 1e-6,
     10 warm-up steps, weight decay 0.1, grad clip 1.0, eps 0.2 / 0.28, K = 8."""
 
     loss_type: str = field(default="psft", metadata={"help": "One of 'psft', 'sft', 'dft', 'asft'."})
@@ -106,22 +114,6 @@ class PSFTConfig(TrainingArguments):
         super().__post_init__()
 
 
-def _head_inputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], *per_token: Optional[Tensor]):
-    """Everything on the head's device and the head in the hidden states' dtype (differentiable moves).
-
-    A model split over devices (``device_map``) has its last hidden states and its lm-head where
-    they are; under autocast an fp32 head meets bf16 hidden states, and the lm-head would have run
-    in bf16 as well.
-    """
-    device = weight.device
-    hidden = hidden.to(device)
-    if weight.dtype != hidden.dtype:
-        weight = weight.to(hidden.dtype)
-    if bias is not None and bias.dtype != hidden.dtype:
-        bias = bias.to(hidden.dtype)
-    return (hidden, weight, bias, *(None if t is None else t.to(device) for t in per_token))
-
-
 class PSFTTrainer(Trainer):
     """``transformers.Trainer`` whose loss is PSFT, DFT, ASFT or SFT on the fused lm-head.
 
@@ -129,6 +121,9 @@ class PSFTTrainer(Trainer):
     ASFT's frozen reference model (a peft model may leave it out: its base model, adapter
     disabled, is used). Attributes for inspection: ``old_policy_refreshes`` (pi_old groups
     started) and ``old_logprob_passes`` (micro-batches whose pi_old log-probs were computed).
+
+    The protocol (pi_old groups, warm-up, reference, head probe, metrics) lives in
+    :class:`~psft_kernels.integrations._core.FusedLossCore`; this class adapts it to ``Trainer``.
     """
 
     # compute_loss divides by num_items_in_batch itself: recent transformers read this flag, older
@@ -143,62 +138,74 @@ class PSFTTrainer(Trainer):
                             f"{type(args).__name__}")
         if trainer_kwargs.get("compute_loss_func") is not None:
             raise ValueError("PSFTTrainer computes its own loss; compute_loss_func must be None")
+        if model is None:
+            raise ValueError("PSFTTrainer needs model= (model_init is not supported)")
+        _engines.check_model(model)
+        # Before Trainer wraps the model (DDP / FSDP / DeepSpeed, in train()): the engine must wrap
+        # the instance whose forward computes the loss inside the lm-head's call (_fused.py).
+        self._core = FusedLossCore(args, model, self._setup_ref_model(model, args, ref_model))
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         if args.label_smoothing_factor:
             raise ValueError(
                 f"label_smoothing_factor is not supported by PSFTTrainer; got {args.label_smoothing_factor}")
-        if args.n_gpu > 1:
-            raise ValueError(f"PSFTTrainer does not support DataParallel (n_gpu={args.n_gpu}); launch one process "
-                             "per GPU with torchrun / accelerate launch instead")
         if args.loss_backend != "auto":
             reason = backends.unavailable_reason(args.loss_backend, args.device)
             if reason is not None:
                 raise ValueError(f"loss_backend={args.loss_backend!r} cannot run on {args.device}: {reason}")
+        self.engine = _engines.check_trainer(self)
+        if self.engine == "fsdp1" and args.loss_type == "asft" and ref_model is None:
+            raise ValueError(FSDP1_PEFT_REFERENCE)
         # Tells every transformers version that the loss is already normalized by num_items_in_batch
         # (no division by the accumulation steps) and that num_items_in_batch must be counted.
         self.model_accepts_loss_kwargs = True
-        self.ref_model = self._setup_ref_model(ref_model)
-        self._heads = {}
         self._group = deque()  # prefetched optimizer steps of the current pi_old group
         self._group_source = None  # the epoch iterator they came from
-        self._metrics = TokenWeightedMeans()
-        self.old_policy_refreshes = 0
-        self.old_logprob_passes = 0
+
+    @property
+    def ref_model(self):
+        return self._core.ref_model
+
+    @property
+    def old_policy_refreshes(self) -> int:
+        return self._core.old_policy_refreshes
+
+    @property
+    def old_logprob_passes(self) -> int:
+        return self._core.old_logprob_passes
 
     # ------------------------------------------------------------------------------------------
     # Setup
     # ------------------------------------------------------------------------------------------
 
-    def _setup_ref_model(self, ref_model):
-        if self.args.loss_type != "asft":
+    @staticmethod
+    def _setup_ref_model(model, args, ref_model):
+        if args.loss_type != "asft":
             if ref_model is not None:
-                raise ValueError(f"ref_model is used only by loss_type='asft'; got loss_type={self.args.loss_type!r}")
+                raise ValueError(f"ref_model is used only by loss_type='asft'; got loss_type={args.loss_type!r}")
             return None
         if ref_model is None:
-            if self.model is not None and not is_peft_model(self.model):
+            if not is_peft_model(model):
                 raise ValueError(
                     "loss_type='asft' needs a reference model: pass ref_model= (e.g. a copy.deepcopy(model) made "
                     "before training), or train a peft model, whose base with the adapter disabled is the reference"
                 )
             return None
-        if ref_model is self.model:
+        if ref_model is model:
             raise ValueError("ref_model must be a separate frozen copy, not the model being trained")
+        # The reference is held whole on every process (not sharded by the engine): it has no
+        # optimizer state or gradients, and ASFT needs its whole head inside the policy's head call.
         ref_model.requires_grad_(False)
         ref_model.eval()
         if getattr(ref_model, "hf_device_map", None) is None:
-            ref_model.to(self.args.device)
+            ref_model.to(args.device)
         return ref_model
 
-    def _head(self, model: nn.Module, inputs) -> LMHead:
-        """The LMHead of ``model`` (unwrapped), checked against its own logits on first use."""
-        entry = self._heads.get(id(model))
-        if entry is None or entry[0] is not model:
-            what = "ref_model" if model is self.ref_model else "model"
-            entry = self._heads[id(model)] = (model, LMHead(model, what))
-        head = entry[1]
-        if not head.verified and self.args.verify_lm_head and inputs.get("input_ids") is not None:
-            head.verify(model, inputs["input_ids"], low_precision=bool(self.args.bf16 or self.args.fp16))
-        return head
+    def _runner(self):
+        """What forwards go through: the engine's wrapper once training has wrapped the model."""
+        return self.model_wrapped if self.model_wrapped is not None else self.model
+
+    def _low_precision(self) -> bool:
+        return bool(self.args.bf16 or self.args.fp16)
 
     # ------------------------------------------------------------------------------------------
     # pi_old: prefetch a group of optimizer steps and score it once with the current model
@@ -206,9 +213,7 @@ class PSFTTrainer(Trainer):
 
     def _objective(self) -> str:
         """The loss of the optimizer step about to be taken."""
-        if self.state.global_step < self.args.sft_warmup_steps:
-            return "sft"
-        return self.args.loss_type
+        return self._core.objective(self.state.global_step)
 
     def get_batch_samples(self, epoch_iterator, num_batches, *args, **kwargs):
         """The micro-batches of the next optimizer step and their target count.
@@ -245,27 +250,9 @@ class PSFTTrainer(Trainer):
                 break
             self._group.append(batches)
         if self._group:
-            self._score_old_policy([b for step in self._group for b in step])
-
-    def _score_old_policy(self, batches) -> None:
-        """Attach ``log pi_old`` of every target token to each micro-batch (one forward each)."""
-        model = self.model
-        was_training = model.training
-        model.eval()  # pi_old is the policy itself: no dropout
-        try:
-            with torch.no_grad(), self.compute_loss_context_manager():
-                for batch in batches:
-                    inputs = self._prepare_inputs(batch)
-                    head = self._head(model, inputs)
-                    hidden, weight, bias, targets = _head_inputs(head.hidden_states(model, inputs),
-                                                                 *head.weights(model), shifted_targets(inputs))
-                    old, _ = linear_logprobs(hidden, weight, targets, bias=bias, softcap=head.softcap,
-                                             temperature=head.temperature, backend=self.args.loss_backend)
-                    batch[OLD_LOGPROBS_KEY] = old
-                    self.old_logprob_passes += 1
-        finally:
-            model.train(was_training)
-        self.old_policy_refreshes += 1
+            self._core.score_old_policy(self._runner(), [b for step in self._group for b in step],
+                                        self._prepare_inputs, self.compute_loss_context_manager,
+                                        low_precision=self._low_precision())
 
     def _tokens_across_processes(self) -> bool:
         return bool(getattr(self.args, "average_tokens_across_devices", False)) and self.accelerator.num_processes > 1
@@ -300,10 +287,11 @@ class PSFTTrainer(Trainer):
             )
         loss, stats = self.compute_loss_and_stats(model, inputs, loss_type=kind, old_logprobs=old,
                                                   num_items_in_batch=num_items_in_batch)
-        self._metrics.add(stats)
+        self._core.metrics.add(stats)
         if num_items_in_batch is not None and self._tokens_across_processes():
-            # num_items_in_batch counts every process's targets and DDP averages the gradients over
-            # processes: scale back up so that the update is the token mean over all of them.
+            # num_items_in_batch counts every process's targets and every engine (DDP, FSDP, DeepSpeed)
+            # averages the gradients over processes: scale back up so that the update is the token mean
+            # over all of them. Like Trainer, this scales a MoE router loss too.
             loss = loss * self.accelerator.num_processes
         return loss
 
@@ -311,55 +299,14 @@ class PSFTTrainer(Trainer):
                                old_logprobs: Optional[Tensor] = None, num_items_in_batch=None):
         """The fused loss of one micro-batch and its stats dict (tensors; nothing is logged).
 
+        ``model``: the model or the engine's wrapper around it (what ``compute_loss`` is given).
         ``loss_type`` defaults to the config's. ``old_logprobs`` (PSFT): ``(B, T)`` like the labels,
         position t holding log pi_old(labels[t + 1]); None means pi_old = the current policy. Without
         ``num_items_in_batch`` the loss is the token mean of this micro-batch.
         """
         kind = V.check_choice("loss_type", loss_type or self.args.loss_type, LOSS_TYPES)
-        unwrapped = self.accelerator.unwrap_model(model)
-        head = self._head(unwrapped, inputs)
-        ref = self._reference(unwrapped, inputs, head) if kind == "asft" else None  # before the policy's graph
-        hidden, weight, bias, targets, old_logprobs = _head_inputs(
-            head.hidden_states(unwrapped, inputs, runner=model), *head.weights(unwrapped), shifted_targets(inputs),
-            old_logprobs)
-        a = self.args
-        common = dict(bias=bias, entropy_coef=a.entropy_coef, softcap=head.softcap, temperature=head.temperature,
-                      num_items_in_batch=num_items_in_batch, backend=a.loss_backend, return_stats=True)
-        if kind == "sft":
-            return linear_sft_loss(hidden, weight, targets, **common)
-        if kind == "dft":
-            return linear_dft_loss(hidden, weight, targets, **common)
-        if kind == "psft":
-            return linear_psft_loss(hidden, weight, targets, old_logprobs, eps_low=a.eps_low, eps_high=a.eps_high,
-                                    **common)
-        ref_hidden, ref_weight, ref_bias = (t if t is None else t.to(weight.device) for t in ref)
-        return linear_asft_loss(hidden, weight, targets, ref_hidden, ref_weight, ref_bias=ref_bias, kl_coef=a.kl_coef,
-                                kl_direction=a.kl_direction, **common)
-
-    def _reference(self, unwrapped: nn.Module, inputs, head: LMHead):
-        """ASFT's reference ``(hidden, weight, bias)``: ref_model, or the peft base model."""
-        if self.ref_model is not None:
-            ref = self.ref_model
-            ref_head = self._head(ref, inputs)
-            if (ref_head.softcap, ref_head.temperature) != (head.softcap, head.temperature):
-                raise ValueError(
-                    f"ref_model's logit transform (softcap={ref_head.softcap}, temperature={ref_head.temperature}) "
-                    f"differs from the model's (softcap={head.softcap}, temperature={head.temperature}); ASFT applies "
-                    "one transform to both"
-                )
-            with torch.no_grad():
-                return _head_inputs(ref_head.hidden_states(ref, inputs), *ref_head.weights(ref))
-        if not is_peft_model(unwrapped):
-            raise ValueError("loss_type='asft' needs ref_model= unless the model is a peft model")
-        was_training = unwrapped.training
-        unwrapped.eval()
-        try:
-            with torch.no_grad(), unwrapped.disable_adapter():
-                hidden = head.hidden_states(unwrapped, inputs)
-                weight, bias = head.weights(unwrapped)  # inside the context: a modules_to_save head's original
-        finally:
-            unwrapped.train(was_training)
-        return _head_inputs(hidden, weight.detach(), None if bias is None else bias.detach())
+        return self._core.loss_and_stats(model, inputs, loss_type=kind, old_logprobs=old_logprobs,
+                                         num_items_in_batch=num_items_in_batch, low_precision=self._low_precision())
 
     # ------------------------------------------------------------------------------------------
     # Evaluation and logging
@@ -375,11 +322,11 @@ class PSFTTrainer(Trainer):
         return loss.detach(), None, None
 
     def log(self, logs, *args, **kwargs):
-        if "loss" in logs and self._metrics:  # a training log (eval logs have eval_loss, the summary train_loss)
+        if "loss" in logs and self._core.metrics:  # a training log (eval logs have eval_loss, the summary train_loss)
             reduce = None
             if self.accelerator.num_processes > 1:
                 reduce = lambda t: self.accelerator.reduce(t, reduction="sum")  # noqa: E731
-            logs.update(self._metrics.pop(reduce))
+            logs.update(self._core.metrics.pop(reduce))
         return super().log(logs, *args, **kwargs)
 
 
