@@ -3,6 +3,7 @@
     python examples/train_trl.py --loss psft --max-steps 20 --output-dir runs/psft
     python examples/train_trl.py --loss sft --packing --output-dir runs/sft_packed
     python examples/train_trl.py --loss asft --lora --model path/to/local/model --dataset chat.jsonl --output-dir runs/a
+    python examples/train_trl.py --loss sft --trl-trainer --save-model --output-dir runs/trl_sft  # TRL's own, to compare
 
 Offline by default: a small random-init Llama-style model, a byte-level tokenizer with a chat
 template built here (no hub access), and a generated conversational data set of two-digit
@@ -112,6 +113,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=2)
     p.add_argument("--lr", type=float, help="default: 3e-3 for the built-in model, 1e-5 with --model")
+    p.add_argument("--optim", default="adamw_torch",
+                   help="a TrainingArguments optimizer; 'sgd' makes weight comparisons (--trl-trainer) exact to fp32 "
+                        "rounding, where Adam amplifies the rounding of near-zero gradients")
     p.add_argument("--refresh-steps", type=int, default=4, help="PSFT: optimizer steps per pi_old refresh (K)")
     p.add_argument("--sft-warmup-steps", type=int, default=0)
     p.add_argument("--kl-coef", type=float, default=0.05)
@@ -120,14 +124,26 @@ def parse_args(argv=None):
     p.add_argument("--logging-steps", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--save-model", action="store_true", help="save the trained model (or adapter) to OUTPUT_DIR")
+    p.add_argument("--trl-trainer", action="store_true",
+                   help="for comparison: TRL's own SFTTrainer (loss_type 'nll' for --loss sft, 'dft' for dft)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> str:
     """Runs the training; returns the path of metrics.jsonl."""
-    from psft_kernels.integrations.trl import FusedSFTConfig, FusedSFTTrainer
-
     args = parse_args(argv)
+    if args.trl_trainer:
+        if args.loss not in ("sft", "dft"):
+            raise SystemExit(f"--trl-trainer runs TRL's own losses, 'sft' (its 'nll') or 'dft'; got --loss {args.loss}")
+        from trl import SFTConfig as Config, SFTTrainer as Trainer
+
+        loss_options = dict(loss_type="nll" if args.loss == "sft" else "dft")
+    else:
+        from psft_kernels.integrations.trl import FusedSFTConfig as Config, FusedSFTTrainer as Trainer
+
+        loss_options = dict(loss_type=args.loss, old_policy_refresh_steps=args.refresh_steps,
+                            sft_warmup_steps=args.sft_warmup_steps, kl_coef=args.kl_coef, loss_backend=args.backend)
     if not args.model and not torch.cuda.is_available():
         # The built-in model is tiny: extra CPU threads only wait on each other (badly so on a busy machine).
         torch.set_num_threads(1)
@@ -147,17 +163,14 @@ def main(argv=None) -> str:
         peft_config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
     dataset = load_dataset(args)
     conversational = "messages" in dataset.column_names
-    config = FusedSFTConfig(
+    config = Config(
         output_dir=args.output_dir,
-        loss_type=args.loss,
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.lr if args.lr is not None else (1e-5 if args.model else 3e-3),
-        old_policy_refresh_steps=args.refresh_steps,
-        sft_warmup_steps=args.sft_warmup_steps,
-        kl_coef=args.kl_coef,
-        loss_backend=args.backend,
+        optim=args.optim,
+        **loss_options,
         assistant_only_loss=conversational and not args.model,  # the built-in template marks the assistant's turns
         packing=args.packing,
         padding_free=args.padding_free,
@@ -172,13 +185,15 @@ def main(argv=None) -> str:
         use_cpu=not torch.cuda.is_available(),
     )
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    trainer = FusedSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                              peft_config=peft_config, ref_model=ref_model,
-                              callbacks=[MetricsJsonlCallback(metrics_path)])
+    extra = {} if args.trl_trainer else dict(ref_model=ref_model)
+    trainer = Trainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                      peft_config=peft_config, callbacks=[MetricsJsonlCallback(metrics_path)], **extra)
     start = time.perf_counter()
     trainer.train()
     elapsed = time.perf_counter() - start
-    last = [h for h in trainer.state.log_history if "nll" in h][-1:]
+    if args.save_model:
+        trainer.save_model(args.output_dir)
+    last = [h for h in trainer.state.log_history if "loss" in h][-1:]
     print(f"{args.loss}: {trainer.state.global_step} steps in {elapsed:.1f} s; last log {json.dumps(last)}")
     print(f"metrics: {metrics_path}")
     return metrics_path

@@ -29,7 +29,7 @@ Logged metrics:
   micro-batches since the last log), ``num_tokens`` (tokens seen in training, padding excluded).
   The fused losses compute ``log p(target)`` and the entropy but not which token has the largest
   logit, so ``mean_token_accuracy`` costs one more forward-only pass over the head for the target
-  tokens, in chunks, inside the same head call (one GEMM beside the loss's four);
+  tokens, in chunks, inside the same head call (one GEMM beside the three or four of the loss);
   ``token_accuracy=False`` skips it and the metric.
 * psft_kernels' token-weighted ``nll``, ``tokens`` and, for PSFT, ``clip_fraction*``,
   ``ratio_mean``, ``approx_kl``; for ASFT ``kl`` (see ``hf.PSFTTrainer``).
@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import trl
 from torch import Tensor, nn
 from trl import SFTConfig, SFTTrainer
 
@@ -58,6 +59,13 @@ from ._lm_head import IGNORE_INDEX
 from .hf import LOSS_TYPES, PSFTConfig, PSFTTrainer
 
 __all__ = ["FusedSFTConfig", "FusedSFTTrainer", "LOSS_TYPES"]
+
+# SFTTrainer's internals this module builds on (its metrics dict, the loss_type check, the token count)
+# are those of TRL 1.16; older releases computed the loss and metrics differently.
+_TRL_VERSION = tuple(int(p) for p in trl.__version__.split(".")[:2] if p.isdigit())
+if _TRL_VERSION < (1, 16):
+    raise ImportError(f"psft_kernels.integrations.trl needs trl >= 1.16 (pip install 'psft-kernels[trl]'); "
+                      f"trl {trl.__version__} is installed")
 
 # TRL's names for psft_kernels' losses
 TRL_LOSS_NAMES = {"nll": "sft", "chunked_nll": "sft"}
