@@ -328,3 +328,18 @@ def test_train_trl_example_writes_metrics(tmp_path, loss, flags):
         assert ({"loss", "nll", "tokens"} | TRL_KEYS) <= r.keys() and r["tokens"] > 0
         assert (PSFT_KEYS <= r.keys()) == (loss == "psft")
         assert ("kl" in r) == (loss == "asft")
+
+
+def test_evaluation_reports_trls_eval_metrics(tmp_path, tokenizer):
+    start, train_data, eval_data = start_model(tokenizer), dataset(), dataset(n=8, seed=7)
+    kw = dict(assistant_only_loss=True, max_steps=1, prediction_loss_only=True, per_device_eval_batch_size=4)
+    trainers = {}
+    for name, (cls, config_cls, loss) in {"stock": (trl.SFTTrainer, trl.SFTConfig, "nll"),
+                                          "fused": (FusedSFTTrainer, FusedSFTConfig, "psft")}.items():
+        trainers[name] = cls(model=copy.deepcopy(start), processing_class=tokenizer, train_dataset=train_data,
+                             eval_dataset=eval_data,
+                             args=config_cls(output_dir=str(tmp_path / name), loss_type=loss, **{**COMMON, **kw}))
+    theirs, ours = trainers["stock"].evaluate(), trainers["fused"].evaluate()
+    assert ours["eval_loss"] == pytest.approx(theirs["eval_loss"], rel=1e-5)  # the NLL, whatever loss_type says
+    assert ours["eval_entropy"] == pytest.approx(theirs["eval_entropy"], rel=1e-5)
+    assert ours["eval_mean_token_accuracy"] == pytest.approx(theirs["eval_mean_token_accuracy"], abs=1e-6)
