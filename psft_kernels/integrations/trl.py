@@ -204,8 +204,9 @@ class FusedSFTTrainer(SFTTrainer, _PSFTBase):
         mode = "train" if self.model.training else "eval"
         pending, self._pending[mode] = self._pending[mode], []
         if pending:
-            # One gather and one host transfer per log, not per micro-batch.
-            sums = self.accelerator.gather_for_metrics(torch.stack(pending)).reshape(-1, len(pending), 3).sum(0)
+            # One gather and one host transfer per log, not per micro-batch (a plain gather: at log time
+            # gather_for_metrics could take it for the end of an eval dataloader and drop "duplicates").
+            sums = self.accelerator.gather(torch.stack(pending)).reshape(-1, len(pending), 3).sum(0)
             for valid, entropy, correct in sums.tolist():
                 self._metrics[mode]["entropy"].append(entropy / valid if valid > 0 else 0.0)
                 if self.args.token_accuracy:
