@@ -11,6 +11,9 @@ import copy
 import json
 import os
 import runpy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -343,3 +346,49 @@ def test_evaluation_reports_trls_eval_metrics(tmp_path, tokenizer):
     assert ours["eval_loss"] == pytest.approx(theirs["eval_loss"], rel=1e-5)  # the NLL, whatever loss_type says
     assert ours["eval_entropy"] == pytest.approx(theirs["eval_entropy"], rel=1e-5)
     assert ours["eval_mean_token_accuracy"] == pytest.approx(theirs["eval_mean_token_accuracy"], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# DDP: 2 gloo processes take the steps of one process with the same global batch
+# ----------------------------------------------------------------------------------------------
+
+
+def ddp_worker(out_dir: str, grad_accum: int) -> None:
+    """Run under torchrun (this file as a script) or in-process: PSFT through TRL's data handling."""
+    tok = EXAMPLE["build_tokenizer"]()
+    distributed = {"ddp_backend": "gloo", "average_tokens_across_devices": True} if "WORLD_SIZE" in os.environ else {}
+    trainer = fused(start_model(tok), tok, dataset(), Path(out_dir), loss_type="psft", old_policy_refresh_steps=2,
+                    gradient_accumulation_steps=grad_accum, assistant_only_loss=True, **distributed)
+    rank = int(os.environ.get("RANK", 0))
+    torch.save({k: v.detach() for k, v in trainer.model.state_dict().items()}, os.path.join(out_dir, f"params{rank}.pt"))
+    with open(os.path.join(out_dir, f"logs{rank}.json"), "w") as f:
+        json.dump({"world_size": trainer.args.world_size, "engine": trainer.engine, "logs": step_logs(trainer)}, f)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_take_the_steps_of_one(tmp_path):
+    """2 processes x (batch 2, GA 2) vs 1 process x (batch 2, GA 4): the same 8 conversations per step."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    ddp.mkdir(), single.mkdir()
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           os.path.abspath(__file__), str(ddp), "2"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ddp_worker(str(single), 4)
+    p0, p1, p = (torch.load(d / f"params{r}.pt") for d, r in ((ddp, 0), (ddp, 1), (single, 0)))
+    for key in p:
+        assert torch.equal(p0[key], p1[key]), key  # the processes stay in sync
+        assert torch.allclose(p0[key], p[key], rtol=0, atol=1e-6), key
+    logs = {name: json.loads((d / "logs0.json").read_text()) for name, d in (("ddp", ddp), ("single", single))}
+    assert (logs["ddp"]["world_size"], logs["ddp"]["engine"], logs["single"]["world_size"]) == (2, "ddp", 1)
+    for a, b in zip(logs["ddp"]["logs"], logs["single"]["logs"]):
+        assert (a["tokens"], a["num_tokens"]) == (b["tokens"], b["num_tokens"])  # reduced over the processes
+        for key in ("nll", "ratio_mean", "clip_fraction"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    ddp_worker(sys.argv[1], int(sys.argv[2]))

@@ -39,7 +39,8 @@ Differences from ``SFTTrainer`` (each refused or documented, never silently diff
 refused; a MoE router's ``aux_loss`` is added as the model's own forward adds it (``coef * aux``
 per micro-batch, as ``PSFTTrainer`` does), where TRL divides it by the accumulation steps.
 
-Tested with TRL 1.16 and transformers 5.23 on CPU.
+Tested with TRL 1.16 and transformers 5.23 on CPU: one process and DDP (2 gloo processes); FSDP and
+DeepSpeed come from PSFTTrainer and were not run through this trainer.
 """
 
 from __future__ import annotations
