@@ -3,7 +3,7 @@
     python examples/train_trl.py --loss psft --max-steps 20 --output-dir runs/psft
     python examples/train_trl.py --loss sft --packing --output-dir runs/sft_packed
     python examples/train_trl.py --loss asft --lora --model path/to/local/model --dataset chat.jsonl --output-dir runs/a
-    python examples/train_trl.py --loss sft --trl-trainer --save-model --output-dir runs/trl_sft  # TRL's own, to compare
+    python examples/train_trl.py --loss sft --trl-trainer --save-model --output-dir runs/trl  # TRL's own SFTTrainer
 
 Offline by default: a small random-init Llama-style model, a byte-level tokenizer with a chat
 template built here (no hub access), and a generated conversational data set of two-digit

@@ -360,7 +360,8 @@ def ddp_worker(out_dir: str, grad_accum: int) -> None:
     trainer = fused(start_model(tok), tok, dataset(), Path(out_dir), loss_type="psft", old_policy_refresh_steps=2,
                     gradient_accumulation_steps=grad_accum, assistant_only_loss=True, **distributed)
     rank = int(os.environ.get("RANK", 0))
-    torch.save({k: v.detach() for k, v in trainer.model.state_dict().items()}, os.path.join(out_dir, f"params{rank}.pt"))
+    params = {k: v.detach() for k, v in trainer.model.state_dict().items()}
+    torch.save(params, os.path.join(out_dir, f"params{rank}.pt"))
     with open(os.path.join(out_dir, f"logs{rank}.json"), "w") as f:
         json.dump({"world_size": trainer.args.world_size, "engine": trainer.engine, "logs": step_logs(trainer)}, f)
 

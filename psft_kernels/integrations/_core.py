@@ -128,7 +128,7 @@ class FusedLossCore:
         if kind == "asft":
             options.update(kl_coef=o.kl_coef, kl_direction=o.kl_direction)
         request = self.loss_request(self.head, kind, shifted_targets(inputs), options, old_logprobs=old_logprobs,
-                              reference=reference)
+                                    reference=reference)
         out = runner(**forward_inputs(inputs), **{REQUEST_KWARG: request})
         loss = out.pop("loss")
         return loss, out

@@ -45,7 +45,6 @@ DeepSpeed come from PSFTTrainer and were not run through this trainer.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Optional
 
