@@ -348,6 +348,16 @@ def test_evaluation_reports_trls_eval_metrics(tmp_path, tokenizer):
     assert ours["eval_mean_token_accuracy"] == pytest.approx(theirs["eval_mean_token_accuracy"], abs=1e-6)
 
 
+def test_model_given_by_path_is_loaded_by_trl_and_prepared(tmp_path, tokenizer):
+    start, data = start_model(tokenizer), dataset()
+    start.save_pretrained(tmp_path / "model")
+    theirs = stock(copy.deepcopy(start), tokenizer, data, tmp_path, loss_type="nll", max_steps=1)
+    ours = fused(str(tmp_path / "model"), tokenizer, data, tmp_path, loss_type="sft", max_steps=1,
+                 model_init_kwargs={"dtype": torch.float32})
+    assert ours._core.head.verified  # the model TRL loaded is the one the fused loss runs on
+    assert step_logs(ours)[0]["loss"] == pytest.approx(step_logs(theirs)[0]["loss"], rel=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------
 # DDP: 2 gloo processes take the steps of one process with the same global batch
 # ----------------------------------------------------------------------------------------------
