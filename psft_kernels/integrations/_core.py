@@ -57,6 +57,10 @@ def eval_mode(module: nn.Module):
 
 
 class FusedLossCore:
+    # The request a training micro-batch's loss goes through: a trainer may set a LossRequest subclass
+    # that computes more in the same head call (the TRL trainer adds its token-accuracy metric).
+    loss_request = LossRequest
+
     def __init__(self, options, model: nn.Module, ref_model: Optional[nn.Module] = None):
         self.options = options
         self.head = prepare_model(model, "model")
@@ -132,8 +136,8 @@ class FusedLossCore:
             options.update(eps_low=o.eps_low, eps_high=o.eps_high)
         if kind == "asft":
             options.update(kl_coef=o.kl_coef, kl_direction=o.kl_direction)
-        request = LossRequest(self.head, kind, shifted_targets(inputs), options, old_logprobs=old_logprobs,
-                              reference=reference)
+        request = self.loss_request(self.head, kind, shifted_targets(inputs), options, old_logprobs=old_logprobs,
+                                    reference=reference)
         out = runner(**forward_inputs(inputs), **{REQUEST_KWARG: request})
         loss = out.pop("loss")
         return loss, out

@@ -73,6 +73,12 @@ from ._lm_head import IGNORE_INDEX, is_peft_model, shifted_targets
 __all__ = ["PSFTConfig", "PSFTTrainer", "MetricsJsonlCallback", "LOSS_TYPES", "OLD_LOGPROBS_KEY"]
 
 
+# Dataset columns that a collator turns into the attention structure (TRL's packing: seq_lengths ->
+# position_ids; padding-free batches: position_ids, cu_seq_lens_*). They are not in the model's forward
+# signature, and dropping them (remove_unused_columns) silently lets packed documents attend to each other.
+COLLATOR_COLUMNS = ("seq_lengths", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int; got {type(value).__name__}")
@@ -200,6 +206,11 @@ class PSFTTrainer(Trainer):
             ref_model.to(args.device)
         return ref_model
 
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        kept = list(self._signature_columns or [])
+        self._signature_columns = kept + [c for c in COLLATOR_COLUMNS if c not in kept]
+
     def _runner(self):
         """What forwards go through: the engine's wrapper once training has wrapped the model."""
         return self.model_wrapped if self.model_wrapped is not None else self.model
@@ -271,6 +282,11 @@ class PSFTTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
+        if "seq_lengths" in inputs:
+            raise ValueError(
+                "the batch still holds 'seq_lengths' (a packed dataset's document lengths): the data collator did not "
+                "turn them into position_ids, so packed documents would attend to each other. Use a collator that "
+                "does, e.g. trl's DataCollatorForLanguageModeling(pad_token_id, padding_free=True)")
         old = inputs.pop(OLD_LOGPROBS_KEY, None)
         if return_outputs:
             # prediction_step wants the model's outputs (logits for metrics): the model's own forward.
