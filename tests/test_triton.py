@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
+from typing import Tuple
 
 import pytest
 import torch
@@ -331,6 +332,55 @@ def test_tiny_filter_threshold_changes_nothing(loss, gemm, monkeypatch):
     filtered = run(loss, "triton", prob, filter_eps=1e-30, **kw)
     for name in exact.grads:
         assert torch.equal(exact.grads[name], filtered.grads[name]), name
+
+
+def masked_problem(loss: str, case: str) -> Tuple[Problem, Problem]:
+    """(fp32 problem with -inf in the bias, float64 twin with -1e4 there). exp(-1e4) is exactly 0
+    in float64, so the twin's reference is the exact answer for a -inf logit: p = 0, p log p = 0,
+    no gradient. MEDIUM's vocabulary has three tiles of 128 columns (the last partial)."""
+    prob = problem(loss, bias=True, **MEDIUM).to(torch.float64)
+    v = prob.weight.shape[0]
+    bias = prob.bias.clone()
+    targets = prob.targets.clone()
+    valid = targets != -100
+    if case == "some columns":  # every third column masked, targets moved off them
+        bias[0::3] = float("-inf")
+        targets[valid & (targets % 3 == 0)] += 1
+    elif case == "whole tile":  # the middle vocabulary tile entirely, targets outside it
+        bias[128:256] = float("-inf")
+        targets[valid & (targets >= 128) & (targets < 256)] -= 128
+    else:  # "only the target": one finite column, every valid row's target
+        bias[:] = float("-inf")
+        bias[v - 5] = 0.0
+        targets[valid] = v - 5
+    targets = targets.clamp(max=v - 1).where(valid, targets)
+    ref = {}
+    if loss == "asft":  # the reference model masks the same columns: the KL stays finite
+        ref_bias = torch.zeros(v, dtype=torch.float64).masked_fill(bias.isinf(), float("-inf"))
+        ref = dict(ref_bias=ref_bias)
+    inf_prob = replace(prob, bias=bias, targets=targets, **ref).to(torch.float32)
+    fin = lambda b: b.masked_fill(b.isinf(), -1e4)  # noqa: E731
+    twin = replace(prob, bias=fin(bias), targets=targets, **{k: fin(b) for k, b in ref.items()})
+    return inf_prob, twin
+
+
+@pytest.mark.parametrize("case", ["some columns", "whole tile", "only the target"])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_minus_inf_logits_are_exact_and_finite(loss, case, monkeypatch):
+    """A -inf bias (tokens masked out of the vocabulary) gives finite results equal to the exact
+    ones, with the entropy term on (p log p at p = 0) and a KL term for ASFT, on both GEMM paths."""
+    prob, twin = masked_problem(loss, case)
+    kw = dict(entropy_coef=0.1)
+    if loss == "asft":
+        kw.update(kl_coef=0.3, kl_direction="reverse")
+    expected = run(loss, "reference", twin, **kw)
+    for gemm in ("triton", "torch"):
+        monkeypatch.setattr(triton_module().config, "GRAD_GEMM", gemm)
+        actual = run(loss, "triton", prob, **kw)
+        for name, x in [("loss", actual.loss)] + list(actual.grads.items()) + list(actual.stats.items()):
+            if x.is_floating_point():
+                assert torch.isfinite(x).all(), f"{loss} / {case} / {gemm}: {name} is not finite"
+        assert_close(actual, expected, what=f"{loss} / {case} / {gemm}", **F32)
 
 
 def test_out_of_range_targets_never_read_out_of_bounds(monkeypatch):
