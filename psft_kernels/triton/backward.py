@@ -1,7 +1,7 @@
 """Backward kernels: recompute logit tiles, form dz, and the gradient GEMMs, without atomics.
 
-For each vocabulary slice ``[v0, v0 + Vs)`` (``Vs`` chosen so that the slice's dz buffer stays
-within ``config.DZ_SLICE_BYTES``):
+For each vocabulary slice ``[v0, v0 + Vs)`` (``Vs`` about ``config.DZ_SLICE_COLUMNS``, rounded
+so the dz launches are whole waves; :func:`slice_width`):
 
 1. ``_head_dz_kernel`` (grid: row blocks x vocabulary tiles of the slice) recomputes the tile
    ``z`` (and ``z'`` for the KL term), forms
@@ -23,6 +23,11 @@ within ``config.DZ_SLICE_BYTES``):
    ``deterministic=False``, that row loop is split over programs which ``atomic_add`` into an
    fp32 buffer (split-K): the only float atomics anywhere, and ``deterministic=True`` turns them
    off.
+
+With ``config.GRAD_GEMM`` resolving to "torch" (:func:`grad_gemm_backend`), steps 2 and 3 are
+``torch.mm`` / ``addmm`` on the dz slice instead (the dz kernel's ``DENSE`` mode writes rows at
+their original positions). With filtering, the Triton GEMMs loop over compacted lists of kept
+tiles (:func:`kept_lists`), so their loads are unconditional and software-pipelined.
 
 So, without split-K, every output element is written by one program in a fixed order and the
 results are bitwise reproducible. Rows whose coefficients are all zero (ignored, PSFT-clipped)

@@ -98,8 +98,8 @@ _TILES = {
     ("ampere", "half"): Tiles(128, 128, 32, 8, 3, 128, 128, 32, 128, 8, 3),
     ("ampere", "tf32"): Tiles(128, 128, 16, 8, 3, 128, 64, 16, 64, 8, 3),
     ("ampere", "ieee"): Tiles(64, 64, 32, 4, 3, 64, 64, 32, 64, 4, 3, fwd_occ=2),
-    ("consumer", "half"): Tiles(64, 128, 32, 4, 3, 64, 128, 32, 64, 4, 3),
-    ("consumer", "tf32"): Tiles(64, 128, 16, 4, 3, 64, 64, 16, 64, 4, 3),
+    ("consumer", "half"): Tiles(64, 128, 32, 4, 3, 64, 128, 32, 64, 4, 3, fwd_occ=2),
+    ("consumer", "tf32"): Tiles(64, 128, 16, 4, 3, 64, 64, 16, 64, 4, 3, fwd_occ=2),
     ("consumer", "ieee"): Tiles(64, 64, 32, 4, 3, 64, 64, 32, 64, 4, 3, fwd_occ=2),
     ("generic", "half"): Tiles(64, 64, 32, 4, 2, 64, 64, 32, 64, 4, 2),
     # The interpreter pays per program and per op, not per flop: big tiles, few programs.
