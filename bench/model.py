@@ -153,7 +153,7 @@ def predict(gpu: Gpu, n: int, d: int, v: int, dtype: str, loss: str, filter_shar
         prev = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision("high" if dtype == "tf32" else "highest")
         tf = config.tiles(dev, tdt, ref=loss == "asft")
-        tb = config.tiles(dev, tdt, heavy=loss == "asft")
+        tb = config.tiles(dev, tdt, heavy=int(loss == "asft"))
         splits = forward.num_splits(n, v, dev, tf)
         width = backward.slice_width(n, v, tb, dev)
         torch.set_float32_matmul_precision(prev)

@@ -455,7 +455,7 @@ def head_grads(
     dev = hidden.device
     has_k = coef_kl is not None
     t = config.tiles(dev, hidden.dtype, ref_hidden.dtype if has_k and ref_hidden is not None else None,
-                     heavy=has_k or softcap is not None)
+                     heavy=int(has_k) + int(softcap is not None))
     bm, bv = t.bwd_m, t.bwd_v
 
     # Out-of-range targets never reach a kernel's one-hot (and get no gradient).

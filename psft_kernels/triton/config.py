@@ -136,14 +136,15 @@ def precision_class(dtype: Optional[torch.dtype]) -> str:
 _WIDTH = {"half": 0, "tf32": 1, "ieee": 2}
 
 
-def tiles(device: torch.device, *dtypes: Optional[torch.dtype], ref: bool = False, heavy: bool = False) -> Tiles:
+def tiles(device: torch.device, *dtypes: Optional[torch.dtype], ref: bool = False, heavy: int = 0) -> Tiles:
     """The launch configuration for ``device`` and operands of ``dtypes`` (the policy's and, for
     ASFT, the reference's): the widest precision decides. No dtype: half precision.
 
     ``ref``: the forward also forms the reference model's tile (two fp32 accumulators live at
-    once): half the rows. ``heavy``: the dz kernel keeps more tiles live (a KL term's reference
-    tile, or the softcap's slope): half the vocabulary columns. Both keep a 128-row tile from
-    spilling at 255 registers (tests/test_triton_budget.py checks it).
+    once): half the rows. ``heavy``: how many extra tiles the dz kernel keeps live (a KL term's
+    reference tile, the softcap's slope): 1 halves the vocabulary columns, 2 also the rows. They
+    keep the tiles from spilling at 255 registers (tests/test_triton_budget.py checks it; with
+    both a KL term and a softcap, 128 x 64 still spilled 24 B under Triton 3.6).
     """
     a = arch(device)
     prec = max((precision_class(d) for d in dtypes if d is not None), key=_WIDTH.__getitem__, default="half")
@@ -152,8 +153,10 @@ def tiles(device: torch.device, *dtypes: Optional[torch.dtype], ref: bool = Fals
         return t
     if ref and t.fwd_m >= 128:
         t = replace(t, fwd_m=t.fwd_m // 2)
-    if heavy and t.bwd_v >= 128:
+    if heavy >= 1 and t.bwd_v >= 128:
         t = replace(t, bwd_v=t.bwd_v // 2)
+    if heavy >= 2 and t.bwd_m >= 128:
+        t = replace(t, bwd_m=t.bwd_m // 2)
     return t
 
 
