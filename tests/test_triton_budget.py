@@ -115,3 +115,33 @@ def test_fp16_fp32_tf32_budget_on_sm90_sm80_sm89():
     # TF32 runs on tensor cores; IEEE fp32 does not (FMA), by design (torch's "highest").
     assert all(r["wgmma"] for r in rows if r["arch"] == 90 and r["dtype"] == "tf32"
                and r["kernel"] not in ("_head_epilogue_kernel",))
+
+
+@pytest.mark.parametrize("n", [4096, 8192, 16384, 32768])
+def test_grids_fill_whole_waves_on_an_h100(n, monkeypatch):
+    """At D=4096, V=131072 on 132 SMs (the compiled occupancy: one forward / dz / GEMM program
+    per SM in bf16, see the budget), the forward's vocabulary splits and the backward's slice
+    width give >= 95% wave efficiency in every launch family, and the slice count (hence the
+    fp32 grad_h carry traffic per row) does not grow with N."""
+    import torch
+    import triton
+    from psft_kernels.triton import backward, config, forward
+
+    monkeypatch.setattr(config, "arch", lambda device: "hopper")
+    monkeypatch.setattr(config, "sm_count", lambda device: 132)
+    dev, d, v, slots = torch.device("cuda"), 4096, 131072, 132
+    t = config.tiles(dev, torch.bfloat16)
+    splits = forward.num_splits(n, v, dev, t)
+    rows, vt = triton.cdiv(n, t.fwd_m), triton.cdiv(v, t.fwd_v)
+    assert config.wave_efficiency(rows * splits, slots * t.fwd_occ, rows * vt, triton.cdiv(vt, splits)) >= 0.95
+
+    width = backward.slice_width(n, v, t, dev)
+    per = width // t.bwd_v
+    total = triton.cdiv(v, t.bwd_v)
+    launches = [per] * (total // per) + ([total % per] if total % per else [])
+    rb, nd = triton.cdiv(n, t.bwd_m), triton.cdiv(d, t.bwd_d)
+    fill = lambda work, progs: sum(work) / sum(triton.cdiv(p, slots) * slots * w // p for w, p in progs)  # noqa: E731
+    assert fill([rb * x for x in launches], [(rb * x, rb * x) for x in launches]) >= 0.95  # dz
+    assert fill([rb * nd * x for x in launches], [(rb * nd * x, rb * nd) for x in launches]) >= 0.95  # grad_h
+    assert fill([x * nd for x in launches], [(x * nd, x * nd) for x in launches]) >= 0.95  # grad_W
+    assert len(launches) <= 12 and width >= config.DZ_SLICE_COLUMNS // 2
