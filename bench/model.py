@@ -23,6 +23,9 @@ What the model assumes (read before trusting a number):
 * A kernel takes max(compute time, DRAM bytes / bandwidth); L2 reuse of W and h inside a wave is
   assumed perfect (each operand read from DRAM once per launch); dz and the fp32 grad_h carry are
   counted in full. Launch overheads and the O(N) PyTorch glue are ignored.
+* ``--filter-share F`` removes F of every gradient-GEMM program's tiles, i.e. assumes the kept
+  tiles are spread evenly; on a frequency-sorted vocabulary they cluster in the low ids, so the
+  grad_W programs of those tiles keep all their rows and the real time is longer.
 The first GPU run calibrates it: bench/gpu_check.sh prints measured beside predicted.
 """
 
