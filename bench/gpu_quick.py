@@ -4,15 +4,19 @@
 
 On fresh seeded inputs, each time the median of CUDA-event timings (``triton.testing.do_bench``):
 
-* floor: the three cuBLAS GEMMs an unfused head needs, ``h @ W.T``, ``dZ @ W``, ``dZ.T @ h``;
-* triton: PSFT forward+backward, exact and with ``filter_eps=2**-12``; the forward-only
-  log-prob pass (the pi_old pass) against one GEMM ``h @ W.T``;
+* floor: the three cuBLAS GEMMs an unfused head needs, ``h @ W.T``, ``dZ @ W``, ``dZ.T @ h``, and
+  the four-GEMM floor (plus the recomputation ``h @ W.T`` a fused exact loss cannot avoid);
+* triton: PSFT forward+backward, exact with the gradient GEMMs on torch.mm and on the Triton
+  kernels (``config.GRAD_GEMM``), and with ``filter_eps=2**-12``; the forward-only log-prob pass
+  (the pi_old pass) against one GEMM ``h @ W.T``; beside each exact run, what the performance
+  MODEL (``python -m bench.model``, run in a subprocess) predicted for this GPU and shape;
 * the chunked PyTorch backend and the eager reference as peers (skipped if they run out of memory);
 
 on a realistic input (a Zipf-like prior over a frequency-sorted vocabulary plus a contextual
 Gaussian term, tuned to ``--entropy`` nats) and on a flat, high-entropy one. Also the peak
 memory beyond inputs and gradients, and the share of backward tiles whose ``|p - onehot|`` is
-below 2^-12 everywhere (what filtering can skip). Prints a table; ``--out`` saves JSON.
+below 2^-12 everywhere (what filtering can skip). Prints a table; ``--out`` saves JSON; ``--csv`` appends one row per measurement (device,
+versions, commit, date) to a CSV (bench/gpu_check.sh: bench/results/gpu_quick.csv).
 ``--device cpu`` (with TRITON_INTERPRET=1 and tiny sizes) only smoke-tests the script.
 """
 
@@ -121,6 +125,32 @@ def peak_extra_mib(fn, grads, device):
     return (torch.cuda.max_memory_allocated() - base - grad_bytes) / 2 ** 20
 
 
+def model_predictions(args, device) -> dict:
+    """The performance model's fwd+bwd prediction for this GPU and shape, per gradient-GEMM path
+    (``python -m bench.model`` in a subprocess: it swaps the kernels for recorders while it runs)."""
+    name = torch.cuda.get_device_name(device).upper() if device.type == "cuda" else ""
+    key = next((k for k, tag in (("h200", "H200"), ("h100", "H100"), ("a100", "A100"), ("l40s", "L40S"))
+                if tag in name), None)
+    dt = {"bfloat16": "bf16", "float16": "fp16"}.get(args.dtype)
+    out = {}
+    if key is None or dt is None:
+        return out
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for gemm in ("torch", "triton"):
+        cmd = [sys.executable, "-m", "bench.model", "--gpu", key, "--tokens", str(args.tokens), "--dim",
+               str(args.dim), "--vocab", str(args.vocab), "--dtype", dt, "--grad-gemm", gemm]
+        res = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+        for line in res.stdout.splitlines():
+            if "forward+backward" in line and "predicted forward" in line:
+                out[gemm] = float(line.split("forward+backward")[1].split("ms")[0])
+        if gemm not in out:
+            print(f"  (model failed for {gemm}: {res.stderr[-400:]})")
+    return out
+
+
+predicted: dict = {}
+
+
 def run_case(kind, args, device, dtype, rows_out):
     h, w, y, old, entropy = make_inputs(args.tokens, args.dim, args.vocab, kind, args.entropy, args.zipf, dtype,
                                         device)
@@ -128,7 +158,7 @@ def run_case(kind, args, device, dtype, rows_out):
     w.requires_grad_(True)
     from psft_kernels.triton import config
 
-    t = config.tiles(device)
+    t = config.tiles(device, dtype)
     share = filterable_share(h.detach(), w.detach(), y, t.bwd_m, t.bwd_v)
     print(f"\n[{kind}] mean token entropy {entropy:.2f} nats; tiles below 2^-12: {100 * share:.1f}% "
           f"({t.bwd_m}x{t.bwd_v} tiles)")
@@ -142,24 +172,34 @@ def run_case(kind, args, device, dtype, rows_out):
     }
     del dz
     floor_ms = sum(floor.values())
+    floor4_ms = floor_ms + floor["h@W.T"]
 
-    def psft(backend, filter_eps=None):
+    def psft(backend, filter_eps=None, gemm=None):
         def step():
-            pk.linear_psft_loss(h, w, y, old, backend=backend, filter_eps=filter_eps).backward()
+            saved = config.GRAD_GEMM
+            config.GRAD_GEMM = gemm or saved
+            try:
+                pk.linear_psft_loss(h, w, y, old, backend=backend, filter_eps=filter_eps).backward()
+            finally:
+                config.GRAD_GEMM = saved
         return step
 
     def forward_only():
         with torch.no_grad():
             pk.linear_logprobs(hd, wd, y, backend="triton")
 
-    cases = [("triton psft fwd+bwd (exact)", psft("triton"), floor_ms),
+    cases = [("triton psft fwd+bwd (exact, torch.mm)", psft("triton", gemm="torch"), floor_ms),
+             ("triton psft fwd+bwd (exact, triton GEMMs)", psft("triton", gemm="triton"), floor_ms),
              ("triton psft fwd+bwd (filter 2^-12)", psft("triton", FILTER_EPS), floor_ms),
              ("triton logprobs forward-only", forward_only, floor["h@W.T"]),
              ("chunked psft fwd+bwd", psft("chunked"), floor_ms),
              ("reference psft fwd+bwd", psft("reference"), floor_ms)]
-    print(f"  floor: {floor_ms:.2f} ms = " + " + ".join(f"{k} {v:.2f}" for k, v in floor.items()))
+    print(f"  floor: {floor_ms:.2f} ms = " + " + ".join(f"{k} {v:.2f}" for k, v in floor.items())
+          + f"; four-GEMM floor {floor4_ms:.2f} ms")
     rows_out.append(dict(input=kind, entropy=entropy, filterable_share=share, name="floor (3 GEMMs)", ms=floor_ms,
                          ratio=1.0, floor=floor))
+    rows_out.append(dict(input=kind, entropy=entropy, filterable_share=share, name="floor (4 GEMMs)", ms=floor4_ms,
+                         ratio=floor4_ms / floor_ms))
     for name, fn, against in cases:
         try:
             ms = bench_ms(fn, device, grads=(h, w))
@@ -171,9 +211,11 @@ def run_case(kind, args, device, dtype, rows_out):
         ratio = ms / against
         base = "1 GEMM" if "forward-only" in name else "floor"
         mem_txt = f", peak extra {mem:.0f} MiB" if mem is not None else ""
-        print(f"  {name:<38} {ms:9.2f} ms  {ratio:5.2f}x {base}{mem_txt}")
+        pred = predicted.get("torch" if "torch.mm" in name else "triton" if "triton GEMMs" in name else "")
+        pred_txt = f", {ms / floor4_ms:.2f}x 4-GEMM floor; MODEL predicted {pred:.1f} ms" if pred else ""
+        print(f"  {name:<42} {ms:9.2f} ms  {ratio:5.2f}x {base}{mem_txt}{pred_txt}")
         rows_out.append(dict(input=kind, entropy=entropy, filterable_share=share, name=name, ms=ms, ratio=ratio,
-                             ratio_to=base, peak_extra_mib=mem))
+                             ratio_to=base, peak_extra_mib=mem, ratio_floor4=ms / floor4_ms, predicted_ms=pred))
     del h, w
 
 
@@ -188,6 +230,8 @@ def main(argv=None):
     ap.add_argument("--inputs", default="realistic,flat")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--csv", default=None, help="append the measurements to this CSV")
+    ap.add_argument("--no-model", action="store_true", help="skip the performance model's predictions")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -202,6 +246,9 @@ def main(argv=None):
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 tokens=args.tokens, dim=args.dim, vocab=args.vocab, dtype=args.dtype)
     print(json.dumps(meta))
+    if not args.no_model:
+        predicted.update(model_predictions(args, device))
+        print(f"MODEL predictions (fwd+bwd, exact, ms): {predicted}")
     rows = []
     for kind in args.inputs.split(","):
         run_case(kind, args, device, dtype, rows)
@@ -211,6 +258,20 @@ def main(argv=None):
         with open(args.out, "w") as f:
             json.dump(dict(meta=meta, results=rows), f, indent=1)
         print(f"\nsaved {args.out}")
+    if args.csv:
+        import csv
+
+        cols = ["date", "gpu", "torch", "triton", "commit", "tokens", "dim", "vocab", "dtype", "input", "entropy",
+                "filterable_share", "name", "ms", "ratio", "ratio_floor4", "predicted_ms", "peak_extra_mib"]
+        new = not os.path.exists(args.csv)
+        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
+        with open(args.csv, "a", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+            if new:
+                wr.writeheader()
+            for row in rows:
+                wr.writerow({**meta, **row})
+        print(f"appended {len(rows)} rows to {args.csv}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 #   bash bench/gpu_sweep.sh PRESET [more python -m bench options]
 # Installs the carried peer wheels (.whl/, pure Python: liger-kernel, cut-cross-entropy), runs the
 # benchmark on CUDA and leaves <gpu>.csv, <gpu>.inputs.csv and a log under $OUT (bench/results
-# when OUT is unset). Plot back on the CPU machine after `python -m bench merge`.
+# when OUT is unset). Plot back on the CPU machine after `python -m bench merge`. Each slice is
+# capped at STEP_LIMIT_S (510 s) so one call stays under 9 minutes: choose slices (presets, N
+# lists, modes) that finish in that time; a slice cut short keeps the rows it had written.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 preset="${1:?usage: bash bench/gpu_sweep.sh PRESET [python -m bench options]}"
@@ -16,4 +18,4 @@ out="${OUT:-bench/results}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv || true
-python3 -m bench --device cuda --preset "$preset" --results-dir "$out" --no-progress "$@" 2>&1 | tee "$out/bench-$preset.log"
+timeout "${STEP_LIMIT_S:-510}" python3 -m bench --device cuda --preset "$preset" --results-dir "$out" --no-progress "$@" 2>&1 | tee "$out/bench-$preset.log"

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
+from typing import Tuple
 
 import pytest
 import torch
@@ -226,7 +227,7 @@ def test_options_are_validated():
 @pytest.mark.parametrize("loss", LOSSES)
 def test_vocabulary_split_forward(loss, monkeypatch):
     tr = triton_module()
-    monkeypatch.setattr(tr.config, "target_programs", lambda device: 1024)
+    monkeypatch.setattr(tr.config, "sm_count", lambda device: 1024)
     prob = problem(loss, bias=True, **MEDIUM)
     n, v = prob.targets.numel(), prob.weight.shape[0]
     assert tr.forward.num_splits(n, v, DEVICE) == 3  # one split per vocabulary tile
@@ -239,11 +240,12 @@ def test_several_backward_vocabulary_slices(loss, monkeypatch):
     tr = triton_module()
     prob = problem(loss, bias=True, **MEDIUM)
     n, v = prob.targets.numel(), prob.weight.shape[0]
-    bv = tr.config.tiles(DEVICE).bwd_v
-    monkeypatch.setattr(tr.config, "DZ_SLICE_BYTES", n * 4 * bv)
-    assert tr.backward.slice_width(n, v, 4, bv) == bv < v
-    for reduction in ("mean", "none"):
-        compare(loss, prob, reduction=reduction, entropy_coef=0.1, temperature=1.2)
+    t = tr.config.tiles(DEVICE)
+    monkeypatch.setattr(tr.config, "DZ_SLICE_COLUMNS", t.bwd_v)
+    assert tr.backward.slice_width(n, v, t, DEVICE) == t.bwd_v < v
+    for gemm, reduction in (("triton", "mean"), ("torch", "none")):
+        monkeypatch.setattr(tr.config, "GRAD_GEMM", gemm)
+        compare(loss, prob, reduction=reduction, entropy_coef=0.1, temperature=1.2, what=f"{loss} {gemm} GEMMs")
 
 
 def test_split_k_weight_gradient(monkeypatch):
@@ -251,8 +253,9 @@ def test_split_k_weight_gradient(monkeypatch):
     monkeypatch.setattr(tr.config, "target_programs", lambda device: 4096)
     prob = problem("dft", bias=True, **MEDIUM)
     n, v, d = prob.targets.numel(), prob.weight.shape[0], prob.weight.shape[1]
-    assert tr.backward.weight_split_k(n, v, d, 4, True, False, DEVICE) > 1
-    assert tr.backward.weight_split_k(n, v, d, 4, True, True, DEVICE) == 1
+    monkeypatch.setattr(tr.config, "GRAD_GEMM", "triton")
+    assert tr.backward.weight_split_k(n, v, d, True, False, DEVICE) > 1
+    assert tr.backward.weight_split_k(n, v, d, True, True, DEVICE) == 1
     atomic, expected = compare("dft", prob)
     ordered = run("dft", "triton", prob, deterministic=True)
     assert_close(ordered, expected, **F32)
@@ -282,9 +285,12 @@ def peaked_problem(n=150, d=24, v=520, seed=0) -> Problem:
     return replace(prob, **{k: getattr(prob, k).to(DEVICE) for k in ("hidden", "weight", "targets", "bias")})
 
 
-def test_filtering_error_is_bounded_by_the_threshold():
+@pytest.mark.parametrize("gemm", ["triton", "torch"])
+def test_filtering_error_is_bounded_by_the_threshold(gemm, monkeypatch):
     """Filtered minus exact gradients are bounded, entry by entry, by the contribution of every
-    logit whose |p - onehot| is below filter_eps (a superset of what a skipped tile can hold)."""
+    logit whose |p - onehot| is below filter_eps (a superset of what a skipped tile can hold).
+    Both gradient-GEMM paths: Triton kernels skipping tiles, torch.mm on a dz with zeroed tiles."""
+    monkeypatch.setattr(triton_module().config, "GRAD_GEMM", gemm)
     prob64 = peaked_problem()
     prob = prob64.to(torch.float32)
     eps = 2.0 ** -12
@@ -316,14 +322,65 @@ def test_filtering_error_is_bounded_by_the_threshold():
     assert changed, "the peaked problem should have tiles below the threshold"
 
 
+@pytest.mark.parametrize("gemm", ["triton", "torch"])
 @pytest.mark.parametrize("loss", LOSSES)
-def test_tiny_filter_threshold_changes_nothing(loss):
+def test_tiny_filter_threshold_changes_nothing(loss, gemm, monkeypatch):
+    monkeypatch.setattr(triton_module().config, "GRAD_GEMM", gemm)
     prob = problem(loss, bias=True, **MEDIUM)
     kw = dict(kl_coef=0.3) if loss == "asft" else {}
     exact = run(loss, "triton", prob, **kw)
     filtered = run(loss, "triton", prob, filter_eps=1e-30, **kw)
     for name in exact.grads:
         assert torch.equal(exact.grads[name], filtered.grads[name]), name
+
+
+def masked_problem(loss: str, case: str) -> Tuple[Problem, Problem]:
+    """(fp32 problem with -inf in the bias, float64 twin with -1e4 there). exp(-1e4) is exactly 0
+    in float64, so the twin's reference is the exact answer for a -inf logit: p = 0, p log p = 0,
+    no gradient. MEDIUM's vocabulary has three tiles of 128 columns (the last partial)."""
+    prob = problem(loss, bias=True, **MEDIUM).to(torch.float64)
+    v = prob.weight.shape[0]
+    bias = prob.bias.clone()
+    targets = prob.targets.clone()
+    valid = targets != -100
+    if case == "some columns":  # every third column masked, targets moved off them
+        bias[0::3] = float("-inf")
+        targets[valid & (targets % 3 == 0)] += 1
+    elif case == "whole tile":  # the middle vocabulary tile entirely, targets outside it
+        bias[128:256] = float("-inf")
+        targets[valid & (targets >= 128) & (targets < 256)] -= 128
+    else:  # "only the target": one finite column, every valid row's target
+        bias[:] = float("-inf")
+        bias[v - 5] = 0.0
+        targets[valid] = v - 5
+    targets = targets.clamp(max=v - 1).where(valid, targets)
+    ref = {}
+    if loss == "asft":  # the reference model masks the same columns: the KL stays finite
+        ref_bias = torch.zeros(v, dtype=torch.float64).masked_fill(bias.isinf(), float("-inf"))
+        ref = dict(ref_bias=ref_bias)
+    inf_prob = replace(prob, bias=bias, targets=targets, **ref).to(torch.float32)
+    fin = lambda b: b.masked_fill(b.isinf(), -1e4)  # noqa: E731
+    twin = replace(prob, bias=fin(bias), targets=targets, **{k: fin(b) for k, b in ref.items()})
+    return inf_prob, twin
+
+
+@pytest.mark.parametrize("case", ["some columns", "whole tile", "only the target"])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_minus_inf_logits_are_exact_and_finite(loss, case, monkeypatch):
+    """A -inf bias (tokens masked out of the vocabulary) gives finite results equal to the exact
+    ones, with the entropy term on (p log p at p = 0) and a KL term for ASFT, on both GEMM paths."""
+    prob, twin = masked_problem(loss, case)
+    kw = dict(entropy_coef=0.1)
+    if loss == "asft":
+        kw.update(kl_coef=0.3, kl_direction="reverse")
+    expected = run(loss, "reference", twin, **kw)
+    for gemm in ("triton", "torch"):
+        monkeypatch.setattr(triton_module().config, "GRAD_GEMM", gemm)
+        actual = run(loss, "triton", prob, **kw)
+        for name, x in [("loss", actual.loss)] + list(actual.grads.items()) + list(actual.stats.items()):
+            if x.is_floating_point():
+                assert torch.isfinite(x).all(), f"{loss} / {case} / {gemm}: {name} is not finite"
+        assert_close(actual, expected, what=f"{loss} / {case} / {gemm}", **F32)
 
 
 def test_out_of_range_targets_never_read_out_of_bounds(monkeypatch):
@@ -347,8 +404,10 @@ def test_out_of_range_targets_never_read_out_of_bounds(monkeypatch):
     cleaned = bad.clone()
     cleaned.view(-1)[[3, 40, 77]] = -100
     expected = run("sft", "reference", replace(prob, targets=cleaned), reduction="sum")
-    for name in expected.grads:
-        torch.testing.assert_close(actual.grads[name], expected.grads[name], **F32)
+    for name in expected.grads:  # relative to the gradient's scale: entries that cancel to ~0 differ by rounding
+        scale = expected.grads[name].abs().max().item()
+        err = (actual.grads[name] - expected.grads[name]).abs().max().item()
+        assert err <= F32["atol"] + F32["rtol"] * scale, (name, err, scale)
     good = ~torch.isin(torch.arange(flat.numel(), device=DEVICE), torch.tensor([3, 40, 77], device=DEVICE))
     torch.testing.assert_close(logp[good], expected.stats["logprobs"].view(-1)[good], **F32)
 
@@ -385,22 +444,8 @@ def test_compile_fullgraph_matches_reference(monkeypatch):
         torch.testing.assert_close(a, e, **F32)
 
 
-def _has_nvidia_compiler():
-    try:
-        import triton.backends.nvidia.compiler  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(ON_GPU, reason="on a GPU every test compiles the real kernels")
-@pytest.mark.skipif(not _has_nvidia_compiler(), reason="this Triton build has no NVIDIA backend")
-def test_kernels_compile_for_hopper():
-    """Triton's real compiler (ptxas ships with it) accepts every kernel variant the launchers
-    use: catches code-generation errors the interpreter cannot see (tests/triton_aot.py)."""
-    out = _python("import runpy, sys; sys.argv = ['triton_aot.py', '--arch', '90']; "
-                  "sys.exit(runpy.run_path('tests/triton_aot.py', run_name='__main__'))")
-    assert "kernel variants for sm_90" in out
+# Compilation for real GPU targets (sm_90 / sm_80 / sm_89) with the resource budget of every
+# variant: tests/test_triton_budget.py.
 
 
 # ----------------------------------------------------------------------------------------------
@@ -497,7 +542,7 @@ def test_gpu_determinism_and_split_k():
     which must be bitwise repeatable; both must agree with the reference."""
     tr = triton_module()
     prob = _gpu_problem(16384, 1024, 2000, "psft").to(torch.bfloat16)
-    assert tr.backward.weight_split_k(16384, 2000, 1024, 2, True, False, DEVICE) > 1
+    assert tr.backward.weight_split_k(16384, 2000, 1024, True, False, DEVICE) > 1
     runs = [run("psft", "triton", prob, deterministic=True) for _ in range(3)]
     for other in runs[1:]:
         assert torch.equal(other.loss, runs[0].loss)

@@ -1,7 +1,7 @@
 """Backward kernels: recompute logit tiles, form dz, and the gradient GEMMs, without atomics.
 
-For each vocabulary slice ``[v0, v0 + Vs)`` (``Vs`` chosen so that the slice's dz buffer stays
-within ``config.DZ_SLICE_BYTES``):
+For each vocabulary slice ``[v0, v0 + Vs)`` (``Vs`` about ``config.DZ_SLICE_COLUMNS``, rounded
+so the dz launches are whole waves; :func:`slice_width`):
 
 1. ``_head_dz_kernel`` (grid: row blocks x vocabulary tiles of the slice) recomputes the tile
    ``z`` (and ``z'`` for the KL term), forms
@@ -24,6 +24,11 @@ within ``config.DZ_SLICE_BYTES``):
    fp32 buffer (split-K): the only float atomics anywhere, and ``deterministic=True`` turns them
    off.
 
+With ``config.GRAD_GEMM`` resolving to "torch" (:func:`grad_gemm_backend`), steps 2 and 3 are
+``torch.mm`` / ``addmm`` on the dz slice instead (the dz kernel's ``DENSE`` mode writes rows at
+their original positions). With filtering, the Triton GEMMs loop over compacted lists of kept
+tiles (:func:`kept_lists`), so their loads are unconditional and software-pipelined.
+
 So, without split-K, every output element is written by one program in a fixed order and the
 results are bitwise reproducible. Rows whose coefficients are all zero (ignored, PSFT-clipped)
 cost nothing: they are compacted away first (:mod:`.rows`).
@@ -31,6 +36,7 @@ cost nothing: they are compacted away first (:mod:`.rows`).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -40,7 +46,7 @@ from torch import Tensor
 
 from . import config
 from .rows import compact_rows
-from .tiles import logit_tile, mma, softcap_with_slope
+from .tiles import NEG_BIG, logit_tile, mma, softcap_with_slope
 
 
 @triton.jit
@@ -63,9 +69,11 @@ def _head_dz_kernel(
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_REF_BIAS: tl.constexpr,
     KL_FORWARD: tl.constexpr, HAS_G: tl.constexpr, HAS_E: tl.constexpr, HAS_K: tl.constexpr,
-    HAS_SCALE: tl.constexpr, FILTER: tl.constexpr,
+    HAS_SCALE: tl.constexpr, FILTER: tl.constexpr, DENSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, REF_DOT_PRECISION: tl.constexpr,
 ):
+    # DENSE: the dz buffer feeds dense GEMMs (torch.mm): rows at their original positions, and a
+    # filtered tile is stored as zeros instead of being skipped.
     pid = tl.program_id(0)
     pid_m = pid // n_vtiles
     pid_v = pid % n_vtiles
@@ -93,6 +101,9 @@ def _head_dz_kernel(
         z = logit_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, stride_hn, stride_hd, stride_wv,
                        stride_wd, softcap, inv_temperature, BLOCK_M, BLOCK_V, BLOCK_K, HAS_BIAS, False,
                        DOT_PRECISION)
+    # -inf logits (a -inf bias masks tokens out): a finite floor keeps p = 0 and p * log p = 0
+    # below, where -inf would give 0 * -inf = NaN.
+    z = tl.maximum(z, NEG_BIG)
     log_p = z - lse[:, None]
     p = tl.exp(log_p)
     onehot = tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
@@ -110,7 +121,7 @@ def _head_dz_kernel(
         zq = logit_tile(hq_ptr, wq_ptr, bq_ptr, rows, row_mask, cols, col_mask, DQ, stride_qn, stride_qd,
                         stride_qv, stride_qdd, softcap, inv_temperature, BLOCK_M, BLOCK_V, BLOCK_K,
                         HAS_REF_BIAS, HAS_SOFTCAP, REF_DOT_PRECISION)
-        log_q = zq - tl.load(ref_lse_ptr + rows, mask=row_mask, other=0.0)[:, None]
+        log_q = tl.maximum(zq, NEG_BIG) - tl.load(ref_lse_ptr + rows, mask=row_mask, other=0.0)[:, None]
         if KL_FORWARD:  # d KL(q||p) / dz = p - q
             q = tl.exp(log_q)
             dz += k[:, None] * (p - q)
@@ -125,9 +136,17 @@ def _head_dz_kernel(
     else:
         dz = dz * inv_temperature
 
-    dz_ptrs = dz_ptr + idx[:, None] * stride_dz + local[None, :]
+    if DENSE:
+        dz_ptrs = dz_ptr + rows[:, None] * stride_dz + local[None, :]
+    else:
+        dz_ptrs = dz_ptr + idx[:, None] * stride_dz + local[None, :]
     flag_at = flag_ptr + pid_m * stride_flag + pid_v
-    if FILTER:
+    if DENSE:
+        if FILTER:
+            peak = tl.max(tl.max(tl.where(tile_mask, magnitude, 0.0), 1), 0)
+            dz = tl.where(peak >= filter_eps, dz, 0.0)
+        tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=tile_mask)
+    elif FILTER:
         peak = tl.max(tl.max(tl.where(tile_mask, magnitude, 0.0), 1), 0)
         keep = peak >= filter_eps
         tl.store(flag_at, keep.to(tl.int8))
@@ -139,13 +158,26 @@ def _head_dz_kernel(
 
 
 @triton.jit
+def _grad_hidden_step(acc, dz_ptr, w_ptr, idx, row_mask, offs_d, d_mask, vt, v_start, v_len, stride_dz, stride_wv,
+                      stride_wd, BLOCK_V: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    local = vt * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = local < v_len
+    dz = tl.load(dz_ptr + idx[:, None] * stride_dz + local[None, :], mask=row_mask[:, None] & col_mask[None, :],
+                 other=0.0)
+    cols = v_start + local.to(tl.int64)
+    w = tl.load(w_ptr + cols[:, None] * stride_wv + offs_d[None, :] * stride_wd,
+                mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+    return mma(dz, w, acc, DOT_PRECISION)
+
+
+@triton.jit
 def _grad_hidden_kernel(
     # pointers
-    dz_ptr, flag_ptr, w_ptr, order_ptr, count_ptr, acc_ptr, gh_ptr,
+    dz_ptr, kept_ptr, nkept_ptr, w_ptr, order_ptr, count_ptr, acc_ptr, gh_ptr,
     # shapes
     D, v_start, v_len, n_vtiles, N_BUCKET,
     # strides
-    stride_dz, stride_flag, stride_wv, stride_wd, stride_acc, stride_ghn, stride_ghd,
+    stride_dz, stride_kept, stride_wv, stride_wd, stride_acc, stride_ghn, stride_ghd,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     FIRST: tl.constexpr, LAST: tl.constexpr, FILTER: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -162,25 +194,25 @@ def _grad_hidden_kernel(
     row_mask = idx < count
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for vt in range(0, n_vtiles):
-        if FILTER:
-            keep = tl.load(flag_ptr + pid_m * stride_flag + vt) != 0
-        else:
-            keep = True
-        if keep:
-            local = vt * BLOCK_V + tl.arange(0, BLOCK_V)
-            col_mask = local < v_len
-            dz = tl.load(dz_ptr + idx[:, None] * stride_dz + local[None, :],
-                         mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-            cols = v_start + local.to(tl.int64)
-            w = tl.load(w_ptr + cols[:, None] * stride_wv + offs_d[None, :] * stride_wd,
-                        mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-            acc = mma(dz, w, acc, DOT_PRECISION)
     out_mask = row_mask[:, None] & d_mask[None, :]
     acc_ptrs = acc_ptr + idx[:, None] * stride_acc + offs_d[None, :]
-    if not FIRST:
-        acc += tl.load(acc_ptrs, mask=out_mask, other=0.0)
+    # The carry of the previous slices, issued before the loop so its latency hides behind it.
+    if FIRST:
+        acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    else:
+        acc = tl.load(acc_ptrs, mask=out_mask, other=0.0)
+    if FILTER:
+        # Only the kept tiles of this row block, from a compacted list: the loads are
+        # unconditional, so the loop is software-pipelined like the exact one.
+        n_kept = tl.load(nkept_ptr + pid_m)
+        for j in range(0, n_kept):
+            vt = tl.load(kept_ptr + pid_m * stride_kept + j)
+            acc = _grad_hidden_step(acc, dz_ptr, w_ptr, idx, row_mask, offs_d, d_mask, vt, v_start, v_len,
+                                    stride_dz, stride_wv, stride_wd, BLOCK_V, DOT_PRECISION)
+    else:
+        for vt in range(0, n_vtiles):
+            acc = _grad_hidden_step(acc, dz_ptr, w_ptr, idx, row_mask, offs_d, d_mask, vt, v_start, v_len,
+                                    stride_dz, stride_wv, stride_wd, BLOCK_V, DOT_PRECISION)
     if LAST:
         rows = tl.load(order_ptr + idx, mask=row_mask, other=0)
         tl.store(gh_ptr + rows[:, None] * stride_ghn + offs_d[None, :] * stride_ghd,
@@ -190,13 +222,31 @@ def _grad_hidden_kernel(
 
 
 @triton.jit
+def _grad_weight_step(acc, bias_acc, dz_ptr, h_ptr, order_ptr, count, local, col_mask, offs_d, d_mask, mt,
+                      stride_dz, stride_hn, stride_hd, BLOCK_M: tl.constexpr, NEED_W: tl.constexpr,
+                      NEED_B: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    idx = (mt * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_mask = idx < count
+    dz = tl.load(dz_ptr + idx[:, None] * stride_dz + local[None, :], mask=row_mask[:, None] & col_mask[None, :],
+                 other=0.0)
+    if NEED_W:
+        rows = tl.load(order_ptr + idx, mask=row_mask, other=0)
+        h = tl.load(h_ptr + rows[:, None] * stride_hn + offs_d[None, :] * stride_hd,
+                    mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        acc = mma(tl.trans(dz), h, acc, DOT_PRECISION)
+    if NEED_B:
+        bias_acc += tl.sum(dz.to(tl.float32), 0)
+    return acc, bias_acc
+
+
+@triton.jit
 def _grad_weight_kernel(
     # pointers
-    dz_ptr, flag_ptr, h_ptr, order_ptr, count_ptr, gw_ptr, gb_ptr,
+    dz_ptr, kept_ptr, nkept_ptr, h_ptr, order_ptr, count_ptr, gw_ptr, gb_ptr,
     # shapes
     D, v_start, v_len, n_vtiles, split_k, N_BUCKET,
     # strides
-    stride_dz, stride_flag, stride_hn, stride_hd, stride_gwv, stride_gwd,
+    stride_dz, stride_kept, stride_hn, stride_hd, stride_gwv, stride_gwd,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     NEED_W: tl.constexpr, NEED_B: tl.constexpr, ATOMIC: tl.constexpr, FILTER: tl.constexpr,
@@ -214,7 +264,12 @@ def _grad_weight_kernel(
     pid_v = pid_vd // n_dblocks
     pid_d = pid_vd % n_dblocks
     count = tl.load(count_ptr)
-    row_tiles = tl.cdiv(count, BLOCK_M)
+    # The row tiles this program reduces over: all active ones, or (FILTER) the kept ones of this
+    # vocabulary tile from a compacted list (unconditional, pipelined loads); split-K divides it.
+    if FILTER:
+        row_tiles = tl.load(nkept_ptr + pid_v)
+    else:
+        row_tiles = tl.cdiv(count, BLOCK_M)
     per_split = tl.cdiv(row_tiles, split_k)
     first = pid_k * per_split
     last = tl.minimum(first + per_split, row_tiles)
@@ -225,23 +280,17 @@ def _grad_weight_kernel(
     d_mask = offs_d < D
     acc = tl.zeros((BLOCK_V, BLOCK_D), tl.float32)
     bias_acc = tl.zeros((BLOCK_V,), tl.float32)
-    for mt in range(first, last):
-        if FILTER:
-            keep = tl.load(flag_ptr + mt * stride_flag + pid_v) != 0
-        else:
-            keep = True
-        if keep:
-            idx = (mt * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-            row_mask = idx < count
-            dz = tl.load(dz_ptr + idx[:, None] * stride_dz + local[None, :],
-                         mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-            if NEED_W:
-                rows = tl.load(order_ptr + idx, mask=row_mask, other=0)
-                h = tl.load(h_ptr + rows[:, None] * stride_hn + offs_d[None, :] * stride_hd,
-                            mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-                acc = mma(tl.trans(dz), h, acc, DOT_PRECISION)
-            if NEED_B:
-                bias_acc += tl.sum(dz.to(tl.float32), 0)
+    if FILTER:
+        for j in range(first, last):
+            mt = tl.load(kept_ptr + pid_v * stride_kept + j)
+            acc, bias_acc = _grad_weight_step(acc, bias_acc, dz_ptr, h_ptr, order_ptr, count, local, col_mask,
+                                              offs_d, d_mask, mt, stride_dz, stride_hn, stride_hd, BLOCK_M, NEED_W,
+                                              NEED_B, DOT_PRECISION)
+    else:
+        for mt in range(first, last):
+            acc, bias_acc = _grad_weight_step(acc, bias_acc, dz_ptr, h_ptr, order_ptr, count, local, col_mask,
+                                              offs_d, d_mask, mt, stride_dz, stride_hn, stride_hd, BLOCK_M, NEED_W,
+                                              NEED_B, DOT_PRECISION)
 
     if ATOMIC:
         cols = local.to(tl.int64)
@@ -280,15 +329,32 @@ def _launch(plain, tuned, grid, args, flags, meta):
         plain[(grid(meta),)](*args, **flags, **meta)
 
 
-def slice_width(n_rows: int, vocab: int, elem_bytes: int, block_v: int) -> int:
-    """Vocabulary columns per backward slice: the ``(N, Vs)`` dz buffer within DZ_SLICE_BYTES."""
-    cols = config.DZ_SLICE_BYTES // max(1, n_rows * elem_bytes)
-    cols = max(block_v, cols // block_v * block_v)
-    return min(cols, triton.cdiv(vocab, block_v) * block_v)
+def slice_width(n_rows: int, vocab: int, t: config.Tiles, device: torch.device) -> int:
+    """Vocabulary columns per backward slice: about ``config.DZ_SLICE_COLUMNS`` (a width in
+    columns, so the slice count does not grow with N), adjusted so the dz launches (row blocks x
+    vocabulary tiles of a slice) are whole waves of the device's SMs."""
+    return _best_width(triton.cdiv(max(n_rows, 1), t.bwd_m), triton.cdiv(max(vocab, 1), t.bwd_v),
+                       max(1, config.DZ_SLICE_COLUMNS // t.bwd_v), config.sm_count(device)) * t.bwd_v
 
 
-def weight_split_k(n_rows: int, vocab: int, dim: int, elem_bytes: int, need_weight: bool, deterministic: bool,
-                   device: torch.device) -> int:
+@functools.lru_cache(maxsize=256)
+def _best_width(row_blocks: int, vtiles: int, target: int, slots: int) -> int:
+    """Tiles per slice in [target / 2, target] filling the most of every dz launch's waves."""
+    if vtiles <= target:
+        return vtiles
+    best, best_eff = target, -1.0
+    for w in range(target, max(1, target // 2) - 1, -1):
+        full, rest = divmod(vtiles, w)
+        launches = [w] * full + ([rest] if rest else [])
+        waves = sum(triton.cdiv(row_blocks * x, slots) for x in launches)
+        eff = row_blocks * vtiles / (waves * slots)
+        if eff > best_eff + 1e-9:
+            best, best_eff = w, eff
+    return best
+
+
+def weight_split_k(n_rows: int, vocab: int, dim: int, need_weight: bool, deterministic: bool,
+                   device: torch.device, t: Optional[config.Tiles] = None) -> int:
     """Programs sharing one weight-gradient block's row loop (1 = no split-K, no atomics).
 
     Split only when allowed and the (vocabulary tiles x D blocks) grid of a slice is too small to
@@ -296,13 +362,61 @@ def weight_split_k(n_rows: int, vocab: int, dim: int, elem_bytes: int, need_weig
     """
     if deterministic:
         return 1
-    t = config.tiles(device)
-    width = slice_width(n_rows, vocab, elem_bytes, t.bwd_v)
+    t = t or config.tiles(device)
+    width = slice_width(n_rows, vocab, t, device)
     programs = triton.cdiv(width, t.bwd_v) * (triton.cdiv(dim, t.bwd_d) if need_weight else 1)
     target = config.target_programs(device)
     if programs >= target:
         return 1
     return max(1, min(triton.cdiv(target, programs), triton.cdiv(n_rows, t.bwd_m)))
+
+
+def grad_gemm_backend(filter_eps: Optional[float]) -> str:
+    """"triton" or "torch" for the two gradient GEMMs (``config.GRAD_GEMM``)."""
+    choice = config.GRAD_GEMM
+    if choice not in ("auto", "triton", "torch"):
+        raise ValueError(f"PSFT_KERNELS_GRAD_GEMM / config.GRAD_GEMM: expected 'auto', 'triton' or 'torch', "
+                         f"got {choice!r}")
+    if choice == "auto":
+        return "torch" if filter_eps is None else "triton"
+    return choice
+
+
+_MM_OUT_DTYPE: Optional[bool] = None
+
+
+def _addmm_f32(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """``acc += a @ b`` with fp32 accumulation, ``acc`` fp32 and ``a``, ``b`` in the input dtype.
+
+    Half inputs: torch.mm with ``out_dtype=float32`` (cuBLAS, torch >= 2.8) where it exists; else
+    upcast (CPU, the interpreter's tests) or, on a GPU without it, one rounding to the input dtype
+    per slice. fp32 inputs: addmm in place.
+    """
+    global _MM_OUT_DTYPE
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    if a.device.type != "cuda":
+        acc.addmm_(a.float(), b.float())
+        return
+    if _MM_OUT_DTYPE is not False:
+        try:
+            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+            _MM_OUT_DTYPE = True
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE = False
+    acc.add_(torch.mm(a, b))
+
+
+def kept_lists(flags: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Compacted lists of the kept tiles of a slice, without a host sync: per row block the kept
+    vocabulary tiles in ascending order and their count, and per vocabulary tile the kept row
+    blocks and their count. The filtered GEMM loops walk these lists with unconditional loads."""
+    skipped = (flags == 0).to(torch.int8)
+    by_rows = torch.sort(skipped, dim=1, stable=True).indices.to(torch.int32)
+    by_cols = torch.sort(skipped.t(), dim=1, stable=True).indices.to(torch.int32)
+    return (by_rows, flags.sum(1, dtype=torch.int32), by_cols.contiguous(), flags.sum(0, dtype=torch.int32))
 
 
 def head_grads(
@@ -339,7 +453,9 @@ def head_grads(
     n, d = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
-    t = config.tiles(dev)
+    has_k = coef_kl is not None
+    t = config.tiles(dev, hidden.dtype, ref_hidden.dtype if has_k and ref_hidden is not None else None,
+                     heavy=int(has_k) + int(softcap is not None))
     bm, bv = t.bwd_m, t.bwd_v
 
     # Out-of-range targets never reach a kernel's one-hot (and get no gradient).
@@ -361,18 +477,22 @@ def head_grads(
                 g.zero_()
         return grad_h, grad_w, grad_b
 
-    width = slice_width(n, v, hidden.element_size(), bv)
+    dense = grad_gemm_backend(filter_eps) == "torch"
+    width = slice_width(n, v, t, dev)
     row_blocks = triton.cdiv(n, bm)
-    dz = torch.empty((n, width), dtype=hidden.dtype, device=dev)
-    flags = torch.empty((row_blocks, triton.cdiv(width, bv)), dtype=torch.int8, device=dev)
-    acc = torch.empty((n, d), dtype=torch.float32, device=dev) if need_hidden and width < v else None
+    # dense: rows at their original positions, never-written rows (inactive) must read as 0.
+    dz = (torch.zeros if dense else torch.empty)((n, width), dtype=hidden.dtype, device=dev)
+    # Zeros: row blocks past the active count are never written and must read as "skipped".
+    flags = torch.zeros((row_blocks, triton.cdiv(width, bv)), dtype=torch.int8, device=dev)
+    carry = need_hidden and width < v
+    acc = torch.zeros((n, d), dtype=torch.float32, device=dev) if carry and dense else \
+        torch.empty((n, d), dtype=torch.float32, device=dev) if carry else None
 
-    split_k = weight_split_k(n, v, d, hidden.element_size(), need_weight, deterministic, dev)
+    split_k = 1 if dense else weight_split_k(n, v, d, need_weight, deterministic, dev, t)
     atomic = split_k > 1
     gw_acc = torch.empty((width, d), dtype=torch.float32, device=dev) if atomic and need_weight else None
     gb_acc = torch.empty((width,), dtype=torch.float32, device=dev) if atomic and need_bias else None
 
-    has_k = coef_kl is not None
     ref = (ref_hidden, ref_weight, ref_bias) if has_k else (hidden, weight, None)
     orz = lambda x: x if x is not None else lse  # noqa: E731  (placeholder pointer, never read)
     precision = config.dot_precision(hidden.dtype)
@@ -397,15 +517,32 @@ def head_grads(
             BLOCK_M=bm, BLOCK_V=bv, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
             HAS_REF_BIAS=has_k and ref_bias is not None, KL_FORWARD=kl_forward,
             HAS_G=coef_logp is not None, HAS_E=coef_entropy is not None, HAS_K=has_k,
-            HAS_SCALE=scale is not None, FILTER=filt, DOT_PRECISION=precision,
+            HAS_SCALE=scale is not None, FILTER=filt, DENSE=dense, DOT_PRECISION=precision,
             REF_DOT_PRECISION=config.dot_precision(ref[0].dtype),
         ), t.dz_meta())
 
+        if dense:
+            # The vendor GEMMs on the slice: grad_W[slice] = dz^T h in one GEMM over all rows
+            # (fp32 accumulation inside it, written once in the input dtype: no V x D fp32
+            # buffer), grad_h (+)= dz W[slice] with an fp32 carry across slices.
+            dzs = dz[:, :v_len]
+            if need_weight:
+                torch.mm(dzs.t(), hidden, out=grad_w[v0:v0 + v_len])
+            if need_bias:
+                grad_b[v0:v0 + v_len] = dzs.sum(0, dtype=torch.float32)
+            if need_hidden:
+                if acc is None:
+                    torch.mm(dzs, weight[v0:v0 + v_len], out=grad_h)
+                else:
+                    _addmm_f32(acc, dzs, weight[v0:v0 + v_len])
+            continue
+
+        kept_h, nkept_h, kept_w, nkept_w = kept_lists(flags) if filt else (flags, flags, flags, flags)
         if need_hidden:
             _launch(_grad_hidden_kernel, _grad_hidden_tuned, lambda m: row_blocks * triton.cdiv(d, m["BLOCK_D"]), (
-                dz, flags, weight, order, count, acc if acc is not None else dz, grad_h,
+                dz, kept_h, nkept_h, weight, order, count, acc if acc is not None else dz, grad_h,
                 d, v0, v_len, n_vt, bucket,
-                dz.stride(0), flags.stride(0), weight.stride(0), weight.stride(1),
+                dz.stride(0), kept_h.stride(0), weight.stride(0), weight.stride(1),
                 acc.stride(0) if acc is not None else 0, grad_h.stride(0), grad_h.stride(1),
             ), dict(BLOCK_M=bm, BLOCK_V=bv, FIRST=v0 == 0, LAST=v0 + width >= v, FILTER=filt,
                     DOT_PRECISION=precision), t.gemm_meta())
@@ -418,9 +555,9 @@ def head_grads(
             w_out = out_w if out_w is not None else dz  # placeholder pointer when NEED_W is off
             d_blocks = (lambda m: triton.cdiv(d, m["BLOCK_D"])) if need_weight else (lambda m: 1)
             _launch(_grad_weight_kernel, _grad_weight_tuned, lambda m: n_vt * d_blocks(m) * split_k, (
-                dz, flags, hidden, order, count, w_out, out_b if out_b is not None else dz,
+                dz, kept_w, nkept_w, hidden, order, count, w_out, out_b if out_b is not None else dz,
                 d, v0, v_len, n_vt, split_k, bucket,
-                dz.stride(0), flags.stride(0), hidden.stride(0), hidden.stride(1), w_out.stride(0), w_out.stride(1),
+                dz.stride(0), kept_w.stride(0), hidden.stride(0), hidden.stride(1), w_out.stride(0), w_out.stride(1),
             ), dict(BLOCK_M=bm, BLOCK_V=bv, NEED_W=need_weight, NEED_B=need_bias, ATOMIC=atomic, FILTER=filt,
                     DOT_PRECISION=precision), t.gemm_meta())
             if atomic:
@@ -428,4 +565,6 @@ def head_grads(
                     grad_w[v0:v0 + v_len].copy_(gw_acc[:v_len])
                 if need_bias:
                     grad_b[v0:v0 + v_len].copy_(gb_acc[:v_len])
+    if dense and acc is not None:
+        grad_h.copy_(acc)
     return grad_h, grad_w, grad_b

@@ -15,6 +15,7 @@ PyTorch equivalent of the result (per active row): ``z = logits(h, W, b)``;
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -68,17 +69,19 @@ def _head_stats_kernel(
     a = tl.zeros((BLOCK_M,), tl.float32)
 
     n_tiles = tl.cdiv(V, BLOCK_V)
-    per_split = tl.cdiv(n_tiles, num_splits)
-    first = split * per_split
-    last = tl.minimum(first + per_split, n_tiles)
+    # Balanced ranges: split j covers tiles [j T / S, (j + 1) T / S), never an empty one.
+    first = (split * n_tiles) // num_splits
+    last = ((split + 1) * n_tiles) // num_splits
     for tile in range(first, last):
         cols = (tile * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_mask = cols < V
         z = logit_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, stride_hn, stride_hd, stride_wv,
                        stride_wd, softcap, inv_temperature, BLOCK_M, BLOCK_V, BLOCK_K, HAS_BIAS, HAS_SOFTCAP,
                        DOT_PRECISION)
-        # Finite filler, not -inf: exp(filler - max) is 0 and 0 * (filler - max) is 0, not NaN.
-        z = tl.where(col_mask[None, :], z, NEG_BIG)
+        # Finite filler, not -inf, for padding columns and -inf logits (a -inf bias): exp(filler -
+        # max) is 0 and 0 * (filler - max) is 0, not NaN; a tile of nothing but filler gets
+        # m2 = NEG_BIG, which every finite tile's merge then wipes out (combine).
+        z = tl.where(col_mask[None, :], tl.maximum(z, NEG_BIG), NEG_BIG)
         zt += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
         m2 = tl.max(z, 1)
         zc = z - m2[:, None]
@@ -92,7 +95,7 @@ def _head_stats_kernel(
             zq = logit_tile(hq_ptr, wq_ptr, bq_ptr, rows, row_mask, cols, col_mask, DQ, stride_qn, stride_qd,
                             stride_qv, stride_qdd, softcap, inv_temperature, BLOCK_M, BLOCK_V, BLOCK_K,
                             HAS_REF_BIAS, HAS_SOFTCAP, REF_DOT_PRECISION)
-            zq = tl.where(col_mask[None, :], zq, NEG_BIG)
+            zq = tl.where(col_mask[None, :], tl.maximum(zq, NEG_BIG), NEG_BIG)
             mq2 = tl.max(zq, 1)
             zqc = zq - mq2[:, None]
             eq = tl.exp(zqc)
@@ -117,12 +120,25 @@ def _head_stats_kernel(
 _head_stats_tuned = config.autotuned(_head_stats_kernel, "forward", key=["D", "DQ", "V", "N_BUCKET"])
 
 
-def num_splits(n_rows: int, vocab: int, device: torch.device) -> int:
-    """Vocabulary splits so that row blocks x splits reaches the device's target program count."""
-    t = config.tiles(device)
-    row_blocks = triton.cdiv(max(n_rows, 1), t.fwd_m)
-    want = triton.cdiv(config.target_programs(device), row_blocks)
-    return max(1, min(want, triton.cdiv(vocab, t.fwd_v)))
+def num_splits(n_rows: int, vocab: int, device: torch.device, t: Optional[config.Tiles] = None) -> int:
+    """Vocabulary splits S for whole waves: the grid (row blocks x S programs, each over about
+    1/S of the vocabulary tiles) should keep the device's program slots (SMs x programs per SM)
+    busy to the end. The fewest splits within 95% of a perfect fill, else the best fill."""
+    t = t or config.tiles(device)
+    return _best_splits(triton.cdiv(max(n_rows, 1), t.fwd_m), triton.cdiv(max(vocab, 1), t.fwd_v),
+                        config.sm_count(device) * t.fwd_occ)
+
+
+@functools.lru_cache(maxsize=256)
+def _best_splits(row_blocks: int, vtiles: int, slots: int) -> int:
+    best, best_eff = 1, 0.0
+    for s in range(1, min(vtiles, 16 * slots) + 1):
+        eff = config.wave_efficiency(row_blocks * s, slots, row_blocks * vtiles, triton.cdiv(vtiles, s))
+        if eff >= 0.95:
+            return s
+        if eff > best_eff + 1e-9:
+            best, best_eff = s, eff
+    return best
 
 
 def head_stats(
@@ -147,7 +163,8 @@ def head_stats(
     n, d = hidden.shape
     v = weight.shape[0]
     has_ref = ref_weight is not None
-    splits = num_splits(n, v, hidden.device)
+    t = config.tiles(hidden.device, hidden.dtype, ref_hidden.dtype if has_ref else None, ref=has_ref)
+    splits = num_splits(n, v, hidden.device, t)
     part = torch.empty((NUM_FIELDS, splits, n), dtype=torch.float32, device=hidden.device)
     dq = ref_weight.shape[1] if has_ref else 1
     ref = (ref_hidden, ref_weight, ref_bias) if has_ref else (hidden, weight, None)
@@ -168,7 +185,7 @@ def head_stats(
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * splits,)  # noqa: E731
         _head_stats_tuned[grid](*args, **flags)
     else:
-        meta = config.tiles(hidden.device).forward_meta()
+        meta = t.forward_meta()
         grid = (triton.cdiv(n, meta["BLOCK_M"]) * splits,)
         _head_stats_kernel[grid](*args, **flags, **meta)
     return part
