@@ -59,7 +59,11 @@ constexpr int kLanes = kVecBytes / static_cast<int>(sizeof(T));
 
 template <typename T>
 inline vec_t<T> splat(T x) {
-  return vec_t<T>{} + x;
+  // Lane by lane, not `vec_t<T>{} + x`: 0 + (-0.0) is +0.0, which made the sign mask below zero
+  // (|x| was x, and tanh / the softcap's slope of logits below -44 s overflowed to garbage or NaN).
+  vec_t<T> v;
+  for (int i = 0; i < kLanes<T>; ++i) v[i] = x;
+  return v;
 }
 template <typename T>
 inline vec_t<T> load(const T* p) {

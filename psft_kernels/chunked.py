@@ -331,6 +331,7 @@ class _Accumulator:
 
     def add(self, inputs: HeadInputs, rows, dx: Tensor, scale: Optional[Tensor], half: Optional[Tensor] = None) -> None:
         """Add the block's contribution; its logit gradient is ``dx``, times ``scale[:, None]`` if given.
+        With a bias gradient and ``scale``, ``dx`` is overwritten (scaled in place).
 
         ``half``: for half inputs, a buffer of ``dx``'s shape in their dtype to cast ``dx`` into for
         the ``grad_hidden`` GEMM (:meth:`LogitBlocks.half`), instead of a new block.
@@ -359,7 +360,14 @@ class _Accumulator:
                 hs = h[rows] if scale is None else torch.mul(h[rows], scale[:, None], out=self._buffer(n, h))
             self.weight.addmm_(dx.T, hs, beta=self.beta)
         if self.bias is not None:
-            self.bias.addmv_(dx.T, scale if scale is not None else torch.ones_like(dx[:, 0]), beta=self.beta)
+            # A reduction over rows, not a GEMV (dx^T scale): torch sums in a cascade, the GEMV row
+            # by row, which at ~200 rows was 10x eager's error. dx is not read again: scale it in place.
+            if scale is not None:
+                dx.mul_(scale[:, None])
+            if self.beta == 0:
+                torch.sum(dx, 0, out=self.bias)
+            else:
+                self.bias.add_(dx.sum(0))
         self.beta = 1
 
     def finish(self, inputs: HeadInputs) -> Grads:

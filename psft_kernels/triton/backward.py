@@ -77,7 +77,9 @@ def _head_dz_kernel(
     row_mask = idx < count
     rows = tl.load(order_ptr + idx, mask=row_mask, other=0)
     y = tl.load(targets_ptr + rows * stride_t, mask=row_mask, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)  # fp64 (epilogue): max + log S exactly
+    lse_hi = lse.to(tl.float32)
+    lse_lo = (lse - lse_hi.to(tl.float64)).to(tl.float32)
     scale = 1.0
     if HAS_SCALE:
         scale = tl.load(scale_ptr)
@@ -93,7 +95,7 @@ def _head_dz_kernel(
         z = logit_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, stride_hn, stride_hd, stride_wv,
                        stride_wd, softcap, inv_temperature, BLOCK_M, BLOCK_V, BLOCK_K, HAS_BIAS, False,
                        DOT_PRECISION)
-    log_p = z - lse[:, None]
+    log_p = (z - lse_hi[:, None]) - lse_lo[:, None]  # exact first step near the max, unlike z - fp32(lse)
     p = tl.exp(log_p)
     onehot = tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
     dz = tl.zeros((BLOCK_M, BLOCK_V), tl.float32)
