@@ -82,10 +82,6 @@ def through_transform_(dz: Tensor, slope: Optional[Tensor], spec: HeadSpec) -> T
     return dz
 
 
-def _take(x: Optional[Tensor], rows) -> Optional[Tensor]:
-    return None if x is None else x[rows]
-
-
 def _arange_rows(rows_c, device) -> Tensor:
     return torch.arange(rows_c.start, rows_c.stop, device=device) if isinstance(rows_c, slice) else rows_c
 
@@ -383,10 +379,6 @@ class _Accumulator:
 _STAT_FIELDS = ("lse", "logp", "entropy", "ref_lse", "kl")
 _TERM_FIELDS = ("ratio", "blocked_high", "blocked_low")
 _COEF_FIELDS = ("logp", "entropy", "kl")
-
-
-def _take_stats(stats: TokenStats, rows) -> TokenStats:
-    return TokenStats(*(_take(getattr(stats, f), rows) for f in _STAT_FIELDS))
 
 
 def _scatter(parts: List[Optional[Tensor]], rows: Optional[Tensor], n: int, like: Tensor) -> Optional[Tensor]:

@@ -91,7 +91,8 @@ class NativeBackend(ChunkedBackend):
         acc = _Accumulator(inputs, needs, block_rows) if with_grads else None
         with _WORKSPACE.lease(inputs.hidden.device) as ws:
             if n:
-                blocks = LogitBlocks(inputs, block_rows, with_ref, ws, with_slope=with_grads and spec.softcap is not None)
+                with_slope = with_grads and spec.softcap is not None
+                blocks = LogitBlocks(inputs, block_rows, with_ref, ws, with_slope=with_slope)
             for rows_c in self._row_chunks(inputs, spec, rows):
                 z, zq = blocks.logits(inputs, rows_c, with_ref)
                 y = inputs.targets[rows_c].contiguous()  # the kernel reads targets as a plain array
