@@ -6,7 +6,8 @@
 // logit gradient. Rows are split over ATen's intra-op threads.
 //
 //   stats(z, y, zq, ...)    softcap / temperature applied in place; returns per-row
-//                           [lse, logp, entropy, rowmax, ref_lse, kl]           (METHOD.md);
+//                           [lse, logp, entropy, rowmax, ref_lse, kl, log S, ref rowmax, log S']
+//                           (METHOD.md; S = sum exp(z - rowmax));
 //                           with keep_exp, z <- exp(z - rowmax) - S onehot(y)  (S = sum of exps);
 //                           with a softcap, optionally slope <- dz/dx, from the raw logits
 //   dlogits(z, y, zq, ...)  z <- dl/dx = (g (onehot - p) + e dH/dz + k dKL/dz) dz/dx, in place
@@ -58,7 +59,11 @@ constexpr int kLanes = kVecBytes / static_cast<int>(sizeof(T));
 
 template <typename T>
 inline vec_t<T> splat(T x) {
-  return vec_t<T>{} + x;
+  // Lane by lane, not `vec_t<T>{} + x`: 0 + (-0.0) is +0.0, which made the sign mask below zero
+  // (|x| was x, and tanh / the softcap's slope of logits below -44 s overflowed to garbage or NaN).
+  vec_t<T> v;
+  for (int i = 0; i < kLanes<T>; ++i) v[i] = x;
+  return v;
 }
 template <typename T>
 inline vec_t<T> load(const T* p) {
@@ -194,6 +199,15 @@ inline vec_t<T> vtanh(vec_t<T> x) {
   return (vec_t<T>)((ivec_t<T>)t | ((ivec_t<T>)x & sign));
 }
 
+// x - m for a row's max m, with -inf (a masked logit) raised to the lowest finite value, so that
+// exp gives exactly 0 and 0 * (x - m) is 0, not NaN. NaN stays NaN (the comparison is false).
+template <typename T>
+inline vec_t<T> shifted(vec_t<T> x, T m) {
+  const T lowest = std::numeric_limits<T>::lowest();
+  vec_t<T> d = x - m;
+  return select<T>(d < lowest, splat<T>(lowest), d);
+}
+
 // check_block has already limited the dtype to these two.
 template <typename F>
 void dispatch(at::ScalarType t, F&& f) {
@@ -236,7 +250,9 @@ struct Options {
 // --------------------------------------------------------------------------------------------
 
 // Rows of the output of `stats`.
-enum StatRow : int64_t { kLse = 0, kLogp, kEntropy, kRowMax, kRefLse, kKl, kNumStats };
+// log S (and log S') are kept apart from the max: probabilities are exp((z - max) - log S). Folded
+// into lse = max + log S they would carry lse's rounding, half an ulp of the logits' magnitude.
+enum StatRow : int64_t { kLse = 0, kLogp, kEntropy, kRowMax, kRefLse, kKl, kLogS, kRefMax, kRefLogS, kNumStats };
 
 template <typename T, bool CAP, bool TRANSFORM, int KL, bool KEEP_EXP>
 void stats_rows(T* z, int64_t ldz, T* zq, int64_t ldq, T* slope, int64_t lds, const int64_t* y, int64_t V,
@@ -286,11 +302,11 @@ void stats_rows(T* z, int64_t ldz, T* zq, int64_t ldq, T* slope, int64_t lds, co
     // and the KL sums use d - d' instead of z - z' (no large common offset to cancel).
     vec_t<T> s{}, sd{}, sq{}, sk{};
     auto step = [&](vec_t<T> x, vec_t<T> xq, vec_t<T>& e, bool masked) {
-      vec_t<T> d = x - m;
+      vec_t<T> d = shifted<T>(x, m);
       e = vexp<T>(d);
       vec_t<T> ed = e * d, eq{}, kterm{};
       if (KL) {
-        vec_t<T> dq = xq - m_q;
+        vec_t<T> dq = shifted<T>(xq, m_q);
         eq = vexp<T>(dq);
         kterm = KL == kForwardKl ? eq * (dq - d) : e * (d - dq);
       }
@@ -327,16 +343,21 @@ void stats_rows(T* z, int64_t ldz, T* zq, int64_t ldq, T* slope, int64_t lds, co
     // a = -g / (S T), so the caller pushes it through the GEMMs without forming it.
     if (KEEP_EXP) zr[target] -= S;
     out[kLse * n + i] = lse;
-    out[kLogp * n + i] = z_target - lse;
+    out[kLogp * n + i] = (z_target - m) - log_s;
     out[kEntropy * n + i] = log_s - hsum<T>(sd) / S;
     out[kRowMax * n + i] = m;
+    out[kLogS * n + i] = log_s;
     if (KL) {
       const T Sq = hsum<T>(sq), log_sq = std::log(Sq);
       out[kRefLse * n + i] = m_q + log_sq;
       out[kKl * n + i] = KL == kForwardKl ? hsum<T>(sk) / Sq - log_sq + log_s : hsum<T>(sk) / S - log_s + log_sq;
+      out[kRefMax * n + i] = m_q;
+      out[kRefLogS * n + i] = log_sq;
     } else {
       out[kRefLse * n + i] = 0;
       out[kKl * n + i] = 0;
+      out[kRefMax * n + i] = 0;
+      out[kRefLogS * n + i] = 0;
     }
   }
 }
@@ -446,23 +467,26 @@ void dlogits_rows(T* z, int64_t ldz, const T* zq, int64_t ldq, const T* slope, i
     const int64_t target = y[i];
     // -1: the target lies in another shard of the vocabulary (vocab_parallel): no one-hot term here.
     TORCH_CHECK(target >= -1 && target < V, "psft_native.dlogits: target ", target, " out of range [-1, ", V, ")");
-    const T lse = st[kLse * n + i], H = st[kEntropy * n + i];
-    const T ref_lse = st[kRefLse * n + i], kl = st[kKl * n + i];
+    const T m = st[kRowMax * n + i], log_s = st[kLogS * n + i], H = st[kEntropy * n + i];
+    const T m_q = st[kRefMax * n + i], log_sq = st[kRefLogS * n + i], kl = st[kKl * n + i];
     const T g = gs ? gs[i] : T(0), e = ENT ? es[i] : T(0), k = KL ? ks[i] : T(0);
     auto grad = [&](vec_t<T> x, vec_t<T> xq, vec_t<T> dzdx) {
-      vec_t<T> lp = x - lse;
+      vec_t<T> lp = shifted<T>(x, m) - log_s;  // log p = (z - max) - log S (StatRow)
       vec_t<T> p = vexp<T>(lp);
       vec_t<T> d = p * (-g);
       if (ENT) d -= (e * p) * (lp + H);  // e dH/dz = -e p (log p + H)
-      if (KL == kForwardKl) d += k * (p - vexp<T>(xq - ref_lse));  // k (p - q)
-      if (KL == kReverseKl) d += (k * p) * (lp - (xq - ref_lse) - kl);  // k p (log p - log q - KL)
+      if (KL) {
+        vec_t<T> lq = shifted<T>(xq, m_q) - log_sq;
+        if (KL == kForwardKl) d += k * (p - vexp<T>(lq));  // k (p - q)
+        if (KL == kReverseKl) d += (k * p) * (lp - lq - kl);  // k p (log p - log q - KL)
+      }
       return CAP ? d * dzdx : d * inv_temp;
     };
     for (int64_t v = 0; v < full; v += W) {
       store(zr + v, grad(load(zr + v), KL ? load(qr + v) : vec_t<T>{}, CAP ? load(sr + v) : vec_t<T>{}));
     }
     if (tail) {
-      vec_t<T> d = grad(load_part(zr + full, tail, lse), KL ? load_part(qr + full, tail, ref_lse) : vec_t<T>{},
+      vec_t<T> d = grad(load_part(zr + full, tail, m), KL ? load_part(qr + full, tail, m_q) : vec_t<T>{},
                         CAP ? load_part(sr + full, tail, T(0)) : vec_t<T>{});
       store_part(zr + full, d, tail);
     }
@@ -520,7 +544,7 @@ void dlogits(at::Tensor z, const at::Tensor& targets, const std::optional<at::Te
               "psft_native.dlogits: a softcap needs its slope (from stats or transform_)");
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == kNumStats && stats.size(1) == z.size(0) && stats.is_contiguous() &&
                   stats.scalar_type() == z.scalar_type(),
-              "psft_native.dlogits: stats must be the (6, n) output of stats()");
+              "psft_native.dlogits: stats must be the (", kNumStats, ", n) output of stats()");
   const RowCoefs c{coef_ptr(g, z, "g"), coef_ptr(e, z, "e"), coef_ptr(k, z, "k")};
   TORCH_CHECK(c.k == nullptr || zq.has_value(), "psft_native.dlogits: a KL coefficient needs zq");
   const Options o{inv_temperature, softcap, kl_mode};

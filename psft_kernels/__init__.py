@@ -15,9 +15,10 @@ __version__ = "0.1.0"
 
 
 def empty_cache() -> None:
-    """Free the memory the backends keep between calls: the native CPU backend's logit blocks
-    (up to 128 MiB each; see ``psft_kernels.native``). The next call allocates them again."""
-    from .native import release_workspace
+    """Free the memory the backends keep between calls: the logit blocks of the chunked and native
+    backends on the CPU (up to 128 MiB each; see ``psft_kernels._workspace``). The next call
+    allocates them again."""
+    from ._workspace import release_workspace
 
     release_workspace()
 

@@ -194,7 +194,10 @@ def merge_stats(local: TokenStats, owned: Tensor, valid: Tensor, kl_direction: O
 
 
 class _ShardChunked(ChunkedBackend):
-    """The chunked backend on one shard: a row whose target is in another shard has no one-hot."""
+    """The chunked backend on one shard: the backward reads the merged statistics, and a row whose
+    target is in another shard has no one-hot."""
+
+    backward_reads_saved_stats = True
 
     @staticmethod
     def _add_onehot(dz: Tensor, y: Tensor, g: Tensor) -> None:
@@ -206,11 +209,11 @@ def _shard_native():
     from .native import NativeBackend
 
     class _ShardNative(NativeBackend):
-        """The native backend on one shard. Its factored gradient recomputes the shard's own lse, which
-        is not the full vocabulary's: always take the ``dlogits`` pass, which reads the merged stats
+        """The native backend on one shard. Its backward would recompute the shard's own statistics,
+        which are not the full vocabulary's: it reads the merged ones, through the ``dlogits`` pass
         (the kernel skips the one-hot of a row whose target is -1, in another shard)."""
 
-        factored_gradient = False
+        backward_reads_saved_stats = True
 
         def __init__(self):
             super().__init__()

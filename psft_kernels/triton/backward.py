@@ -85,7 +85,9 @@ def _head_dz_kernel(
     row_mask = idx < count
     rows = tl.load(order_ptr + idx, mask=row_mask, other=0)
     y = tl.load(targets_ptr + rows * stride_t, mask=row_mask, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)  # fp64 (epilogue): max + log S exactly
+    lse_hi = lse.to(tl.float32)
+    lse_lo = (lse - lse_hi.to(tl.float64)).to(tl.float32)
     scale = 1.0
     if HAS_SCALE:
         scale = tl.load(scale_ptr)
@@ -104,7 +106,7 @@ def _head_dz_kernel(
     # -inf logits (a -inf bias masks tokens out): a finite floor keeps p = 0 and p * log p = 0
     # below, where -inf would give 0 * -inf = NaN.
     z = tl.maximum(z, NEG_BIG)
-    log_p = z - lse[:, None]
+    log_p = (z - lse_hi[:, None]) - lse_lo[:, None]  # exact first step near the max, unlike z - fp32(lse)
     p = tl.exp(log_p)
     onehot = tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
     dz = tl.zeros((BLOCK_M, BLOCK_V), tl.float32)

@@ -77,8 +77,10 @@ def _head_epilogue_kernel(
         m, s, t, mq, sq, a = combine(m, s, t, mq, sq, a, m2, s2, t2, mq2, sq2, a2, HAS_REF, KL_FORWARD)
 
     log_s = tl.log(s)
-    lse = tl.where(valid, m + log_s, 0.0)
-    logp = tl.where(valid, zt - lse, 0.0)
+    # lse in fp64 (exact: the sum of two fp32 numbers), so that the backward forms p from the max and
+    # log S, not from an lse rounded to half an ulp of the logits (3e-5 at |z| ~ 1e3).
+    lse = tl.where(valid, m.to(tl.float64) + log_s.to(tl.float64), 0.0)
+    logp = tl.where(valid, (zt - m) - log_s, 0.0)
     logp = tl.where(bad, float("nan"), logp)
     entropy = tl.where(valid, log_s - t / s, 0.0)
     tl.store(lse_ptr + offs, lse, mask=in_range)
@@ -165,7 +167,8 @@ def head_epilogue(
     dev = targets.device
     f32 = lambda: torch.empty(n, dtype=torch.float32, device=dev)  # noqa: E731
     code = KINDS[kind]
-    out: Dict[str, Optional[Tensor]] = dict(lse=f32(), logp=f32(), entropy=f32(),
+    lse = torch.empty(n, dtype=torch.float64, device=dev)  # fp64: see the kernel
+    out: Dict[str, Optional[Tensor]] = dict(lse=lse, logp=f32(), entropy=f32(),
                                             ref_lse=f32() if has_ref else None, kl=f32() if has_ref else None)
     has_e = code != KIND_NONE and entropy_coef != 0.0
     has_k = code == KIND_ASFT and kl_coef != 0.0
@@ -176,7 +179,7 @@ def head_epilogue(
         blocked_high=torch.empty(n, dtype=torch.bool, device=dev) if is_psft else None,
         blocked_low=torch.empty(n, dtype=torch.bool, device=dev) if is_psft else None,
     )
-    dummy = out["lse"]
+    dummy = out["logp"]
     ptr = lambda key: out[key] if out[key] is not None else dummy  # noqa: E731
     _head_epilogue_kernel[(triton.cdiv(n, BLOCK),)](
         part, targets, old_logprobs, advantages,

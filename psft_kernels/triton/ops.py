@@ -69,8 +69,8 @@ def _forward_meta(hidden, weight, bias, present, need):
             like = weight.new_empty(weight.shape if real and need[1] else (0,))
         elif name == "grad_bias":
             like = weight.new_empty(bias.shape if real and need[2] and bias is not None else (0,))
-        else:
-            like = hidden.new_empty(n if real else 0, dtype=torch.float32)
+        else:  # lse in fp64: the epilogue's max + log S, exact (backward.py forms p from it)
+            like = hidden.new_empty(n if real else 0, dtype=torch.float64 if name == "lse" else torch.float32)
         out.append(like)
     return out
 
