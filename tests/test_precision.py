@@ -58,7 +58,7 @@ def _check(backend: str, problem: Problem, loss: str, options: dict, what: str) 
             logp, _ = pk.linear_logprobs(problem.hidden, problem.weight, problem.targets, bias=problem.bias,
                                          backend="reference")
         shift = torch.linspace(-0.4, 0.4, logp.numel(), dtype=torch.float64)
-        problem = replace(problem, old_logprobs=logp - shift)
+        problem = replace(problem, old_logprobs=(logp - shift).clamp(max=0.0))  # log-probs: <= 0
     truth = run(loss, "reference", problem, **options)
     p32 = problem.to(torch.float32)
     plain = run(loss, "reference", p32, **options)
@@ -164,7 +164,7 @@ def _compare_to_finite_columns(backend, problem: Problem, finite: torch.Tensor, 
                       targets=_remap(problem.targets, finite))
         with torch.no_grad():
             logp, _ = pk.linear_logprobs(sub.hidden, sub.weight, sub.targets, bias=sub.bias, backend="reference")
-        old = logp - torch.linspace(-0.4, 0.4, logp.numel(), dtype=logp.dtype)
+        old = (logp - torch.linspace(-0.4, 0.4, logp.numel(), dtype=logp.dtype)).clamp(max=0.0)
         problem = replace(problem, old_logprobs=old)
     sub = replace(problem, weight=problem.weight[finite].contiguous(), bias=problem.bias[finite].contiguous(),
                   targets=_remap(problem.targets, finite))
