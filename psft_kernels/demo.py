@@ -270,19 +270,19 @@ def main(argv=None) -> int:
                         _say(f" inputs ready (mean token entropy {r['entropy']:.2f} nats);", end="")
                     return
                 results[(r["loss"], backend)] = r
-                _say(f" {r['loss']} {r['seconds']:.2f} s", end="")
+                _say(f" {r['loss']} {1e3 * r['seconds']:.0f} ms", end="")
 
             _run_child(backend, args, tmp, on_result)
             _say()
         _say()
-        _say(f"{'loss':6} {'backend':10} {'fwd+bwd s':>10} {'peak extra MiB':>15} {'loss rel err':>13} "
+        _say(f"{'loss':6} {'backend':10} {'fwd+bwd ms':>10} {'peak extra MiB':>15} {'loss rel err':>13} "
              f"{'grad_h rel err':>15} {'grad_W rel err':>15}")
         ok = True
         tol = 1e-4 if args.dtype in ("float32", "float64") else 5e-2
         for loss in losses:
             ref = torch.load(os.path.join(tmp, f"{loss}-reference.pt"))
             r = results[(loss, "reference")]
-            _say(f"{loss:6} {'reference':10} {r['seconds']:10.2f} {r['peak_extra_mib']:15.0f} {'-':>13} "
+            _say(f"{loss:6} {'reference':10} {1e3 * r['seconds']:10.1f} {r['peak_extra_mib']:15.0f} {'-':>13} "
                  f"{'-':>15} {'-':>15}")
             for backend in fused:
                 got = torch.load(os.path.join(tmp, f"{loss}-{backend}.pt"))
@@ -290,7 +290,7 @@ def main(argv=None) -> int:
                 agree = all(e <= tol for e in errs)
                 ok &= agree
                 r = results[(loss, backend)]
-                _say(f"{loss:6} {backend:10} {r['seconds']:10.2f} {r['peak_extra_mib']:15.0f} {errs[0]:13.1e} "
+                _say(f"{loss:6} {backend:10} {1e3 * r['seconds']:10.1f} {r['peak_extra_mib']:15.0f} {errs[0]:13.1e} "
                      f"{errs[1]:15.1e} {errs[2]:15.1e}{'' if agree else '  DISAGREES'}")
     _say("all fused backends agree with the reference" if ok else "SOME BACKEND DISAGREES WITH THE REFERENCE")
     # The summary: the backend "auto" picks here (else the first one run), against eager PyTorch.

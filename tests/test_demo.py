@@ -23,8 +23,8 @@ def test_demo_runs_and_reports_agreement():
     assert [r[:2] for r in rows] == [["psft", "reference"], ["psft", "chunked"], ["asft", "reference"],
                                      ["asft", "chunked"]]
     for r in rows:
-        seconds, peak = float(r[2]), float(r[3])
-        assert seconds > 0 and peak >= 0
+        milliseconds, peak = float(r[2]), float(r[3])
+        assert milliseconds > 0 and peak >= 0
     assert "all fused backends agree with the reference" in out
     # It says what it does, shows progress per backend, and ends with a one-line summary.
     assert "[1/2] eager PyTorch (reference):" in out and "[2/2] chunked:" in out

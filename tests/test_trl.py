@@ -186,12 +186,12 @@ def test_target_is_top1_against_argmax_of_the_logits():
     targets[0, :25] = torch.randint(0, 37, (25,), generator=g)  # some right by chance, most wrong
     targets[1, ::3] = -100
     expected = (logits.argmax(-1) == targets) & (targets != -100)
-    old = chunked.DEFAULT_CHUNK_ELEMENTS
+    old = chunked.CHUNK_ELEMENTS
     try:
-        chunked.DEFAULT_CHUNK_ELEMENTS = 7 * 37  # chunks of 7 rows
+        chunked.CHUNK_ELEMENTS = 7 * 37  # chunks of 7 rows
         got = target_is_top1(hidden, weight, bias, targets, softcap=2.0)
     finally:
-        chunked.DEFAULT_CHUNK_ELEMENTS = old
+        chunked.CHUNK_ELEMENTS = old
     assert torch.equal(got, expected) and 0 < expected.sum() < expected.numel()
 
 
@@ -273,7 +273,7 @@ def test_no_batch_by_vocab_tensor_in_training(tmp_path, tokenizer, monkeypatch):
 
     The head probe is left out: it compares the model's own logits for one row of up to 32 tokens
     (once per model) with the head's."""
-    monkeypatch.setattr(chunked, "DEFAULT_CHUNK_ELEMENTS", 4 * len(tokenizer))  # chunks of 4 rows
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 4 * len(tokenizer))  # chunks of 4 rows
     model, data = start_model(tokenizer), dataset("text")
     batch_rows = 2 * min(len(tokenizer(r["text"])["input_ids"]) for r in data)  # B x T of the smallest batch
     probe = LargestLogitBlock(len(tokenizer), model.config.hidden_size)

@@ -105,7 +105,7 @@ def target_is_top1(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targe
     flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     out = torch.zeros(flat_t.shape, dtype=torch.bool, device=flat_t.device)
     rows = (flat_t != IGNORE_INDEX).nonzero().squeeze(1)
-    step = max(1, chunked.DEFAULT_CHUNK_ELEMENTS // weight.shape[0])
+    step = max(1, chunked.CHUNK_ELEMENTS // weight.shape[0])
     with torch.no_grad():
         for start in range(0, rows.numel(), step):
             r = rows[start:start + step]
