@@ -66,3 +66,32 @@ def test_unsupported_tensor_parallel_heads_are_refused(runs):
         assert "tied to the input embedding" in msgs["refused/llama_tied/ColwiseParallel"]
         assert "only ColwiseParallel" in msgs["refused/llama/RowwiseParallel"]
         assert "Shard(dim=1)" in msgs["refused/llama/RowwiseParallel"]
+        # PSFTTrainer cannot drive it (accelerate's TP takes transformers' tp_plan models only): said up front
+        assert "PSFTTrainer does not drive a tensor-parallel head" in msgs["refused/trainer"]
+        assert "plain-loop API" in msgs["refused/trainer"]
+
+
+@pytest.fixture(scope="module")
+def runs_2d(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp_head_2d")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", WORKER, str(out),
+           "2d"]
+    done = subprocess.run(cmd, cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    return [json.loads((out / f"tp2d{r}.json").read_text()) for r in range(4)]
+
+
+@pytest.mark.slow  # ~35 s on 2 cores (4 processes)
+def test_colwise_head_with_fsdp2_on_a_2d_mesh_trains_like_one_process(runs_2d):
+    """dp=2 x tp=2: the head ColwiseParallel on "tp", FSDP2 on "dp"; SFT, PSFT, ASFT. Same tolerance and
+    argument as above; a lost or doubled data-parallel share would also show at >= MIN_MOVED."""
+    for rank, cases in enumerate(runs_2d):
+        errors = [c for c in cases if "error" in c]
+        assert not errors, errors[0]["error"]
+        assert [c["case"] for c in cases] == ["fsdp2_tp/sft", "fsdp2_tp/psft", "fsdp2_tp/asft"]
+        for c in cases:
+            # FSDP2 on "dp" and ColwiseParallel on "tp" both split the 101 rows: 26 + 25 + 25 + 25
+            assert c["head_placements"].count("Shard(dim=0") == 2, c  # (_StridedShard(dim=0, sf=2), Shard(dim=0))
+            assert c["head_local_rows"] == (26, 25, 25, 25)[rank], c
+            assert c["min_moved"] >= MIN_MOVED, c
+            assert c["max_abs_diff"] <= TOL64, c

@@ -1,6 +1,7 @@
 """Run by tests/test_tp_head.py under torchrun (2 CPU processes, gloo, tensor-parallel group of 2).
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/tp_head_worker.py OUT_DIR
+    python -m torch.distributed.run --standalone --nproc_per_node 4 tests/tp_head_worker.py OUT_DIR 2d
 
 Each case: a tiny random-init model whose lm-head is sharded over the vocabulary by torch's
 ``parallelize_module(model, mesh, {"lm_head": ColwiseParallel(...)})`` (V = 101: uneven shards of 51
@@ -8,8 +9,9 @@ and 50 rows) trains 3 SGD steps in float64 through the plain-loop API on the *sa
 both ranks (tensor parallelism, no data parallelism), and a copy of the model trains the same steps in
 one process without any plan. The record holds the largest difference over all parameters (the head's
 shards gathered), how far the weights moved, and the head's local shape (the plan was really active).
-Refusals (a tied head, RowwiseParallel on the head) record their error messages. Assertions live in
-tests/test_tp_head.py.
+Refusals (a tied head, RowwiseParallel on the head) record their error messages. With ``2d``: 4
+processes, a (dp=2, tp=2) mesh, the head ColwiseParallel on "tp" and FSDP2 on "dp" (fsdp2_tp_case).
+Assertions live in tests/test_tp_head.py.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(1)
 
-from distributed_worker import STEPS, make_model, micro_batches, train  # noqa: E402
+from distributed_worker import GA, LR, STEPS, K, make_model, micro_batches, step_loss, train  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.tensor import DTensor, Replicate  # noqa: E402
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module  # noqa: E402
 
-from psft_kernels.integrations.plain import fused_loss, prepare_model  # noqa: E402
+from psft_kernels.integrations.plain import count_targets, fused_logprobs, fused_loss, prepare_model  # noqa: E402
 
 # (model kind, loss, ColwiseParallel options, prepare_model before the plan or after it)
 CASES = [
@@ -91,26 +93,83 @@ def refused(kind, style, mesh):
     return {"case": f"refused/{kind}/{type(style).__name__}", "error_message": None}
 
 
-def main(out_dir: str) -> None:
+def fsdp2_tp_case(loss_type, mesh):
+    """A 2-D mesh (dp=2, tp=2): the head ColwiseParallel on "tp", FSDP2 on "dp" over every layer and the
+    root. Data-parallel rank d takes micro-batches d*GA .. d*GA+GA-1 of each step (its tp peer the same);
+    the truth is one process on the concatenated batch."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    base = make_model("llama")
+    single = copy.deepcopy(base)
+    ref = copy.deepcopy(base).requires_grad_(False) if loss_type == "asft" else None
+    start = {k: v.detach().clone() for k, v in base.named_parameters()}
+    steps = micro_batches(world=2)
+    train(single, steps, loss_type, ref=copy.deepcopy(ref) if ref is not None else None, world=1, reduce=False)
+
+    dp, tp = mesh["dp"], mesh["tp"]
+    d = dp.get_local_rank()
+    model = prepare_model(base)
+    parallelize_module(model, tp, {"lm_head": ColwiseParallel()})
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=dp)
+    fully_shard(model, mesh=dp)
+    mine = [step[d * GA:(d + 1) * GA] for step in steps]
+    opt = torch.optim.SGD(model.parameters(), lr=LR[loss_type])
+    old = {}
+    for s, step in enumerate(mine):
+        if loss_type == "psft" and s % K == 0:
+            old = {(t, i): fused_logprobs(model, b) for t in range(s, min(s + K, STEPS)) for i, b in enumerate(mine[t])}
+        n = count_targets(step, group=dp.get_group())  # over the data-parallel ranks only: tp peers share data
+        for i, batch in enumerate(step):
+            (step_loss(model, batch, loss_type, old.get((s, i)), n, ref) * dp.size()).backward()
+        opt.step()
+        opt.zero_grad()
+    got = {k.replace("_fsdp_wrapped_module.", ""): full(v).detach() for k, v in model.named_parameters()}
+    want = dict(single.named_parameters())
+    diff = max((got[k] - want[k]).abs().max().item() for k in want)
+    moved = min((want[k] - start[k]).abs().max().item() for k in want)
+    head = model.get_output_embeddings().weight
+    return {"case": f"fsdp2_tp/{loss_type}", "max_abs_diff": diff, "min_moved": moved,
+            "head_placements": str(head.placements), "head_local_rows": head.to_local().shape[0]}
+
+
+def trainer_refuses(mesh):
+    """PSFTTrainer's model check (hf.PSFTTrainer.__init__ calls it first) on a ColwiseParallel head."""
+    from psft_kernels.integrations import _engines
+
+    model = make_model("llama")
+    parallelize_module(model, mesh, {"lm_head": ColwiseParallel()})
+    try:
+        _engines.check_model(model)
+    except ValueError as e:
+        return {"case": "refused/trainer", "error_message": str(e)}
+    return {"case": "refused/trainer", "error_message": None}
+
+
+def main(out_dir: str, two_d: bool) -> None:
+    """Every case in turn (a failure is recorded, not raised: the other ranks would hang), one JSON per rank."""
     dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
+    if two_d:
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        jobs = [(f"fsdp2_tp/{loss}", fsdp2_tp_case, (loss, mesh)) for loss in ("sft", "psft", "asft")]
+    else:
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))["tp"]
+        jobs = [(str(case), tp_case, (*case, mesh)) for case in CASES]
+        jobs += [(f"refused/{kind}", refused, (kind, style, mesh))
+                 for kind, style in (("llama_tied", ColwiseParallel()), ("llama", RowwiseParallel()))]
+        jobs.append(("refused/trainer", trainer_refuses, (mesh,)))
     results = []
-    for case in CASES:
+    for name, fn, args in jobs:
         try:
-            results.append(tp_case(*case, mesh["tp"]))
+            results.append(fn(*args))
         except Exception:
-            results.append({"case": str(case), "error": traceback.format_exc()})
-    for kind, style in (("llama_tied", ColwiseParallel()), ("llama", RowwiseParallel())):
-        try:
-            results.append(refused(kind, style, mesh["tp"]))
-        except Exception:
-            results.append({"case": f"refused/{kind}", "error": traceback.format_exc()})
-    with open(os.path.join(out_dir, f"tp{rank}.json"), "w") as f:
+            results.append({"case": name, "error": traceback.format_exc()})
+    with open(os.path.join(out_dir, f"tp{'2d' if two_d else ''}{dist.get_rank()}.json"), "w") as f:
         json.dump(results, f)
     dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2:] == ["2d"])

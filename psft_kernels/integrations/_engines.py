@@ -47,7 +47,8 @@ def check_model(model: nn.Module, what: str = "model", tensor_parallel_head: boo
             f"{what}'s lm-head weight is already a DTensor (a tensor-parallel plan such as ColwiseParallel, or "
             "fully_shard applied before PSFTTrainer): PSFTTrainer does not drive a tensor-parallel head (accelerate's "
             "tensor parallelism takes only models loaded with transformers' tp_plan) and applies FSDP itself. Pass the "
-            "model unsharded, or train a ColwiseParallel head with the plain-loop API (psft_kernels.integrations.plain)")
+            "model unsharded, or train a ColwiseParallel head with the plain-loop API "
+            "(psft_kernels.integrations.plain)")
 
 
 def check_trainer(trainer) -> str:

@@ -75,15 +75,15 @@ def head_inputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], *per_tok
 def _check_tensor_parallel(head: LMHead, module: nn.Module, weight, hidden) -> None:
     if not _is_dtensor(hidden):
         raise RuntimeError(
-            f"{head.what}'s lm-head weight is a sharded DTensor inside the lm-head's own call, but its input is a plain "
-            "tensor: a fully_shard unit that does not contain the lm-head module, or a tensor-parallel plan other than "
-            "ColwiseParallel. Put the lm-head in a fully_shard unit (the root is fine); to shard it over the vocabulary "
-            "use parallelize_module(model, tp_mesh, {'lm_head': ColwiseParallel()})")
+            f"{head.what}'s lm-head weight is a sharded DTensor inside the lm-head's own call, but its input is a "
+            "plain tensor: a fully_shard unit that does not contain the lm-head module, or a tensor-parallel plan "
+            "other than ColwiseParallel. Put the lm-head in a fully_shard unit (the root is fine); to shard it over "
+            "the vocabulary use parallelize_module(model, tp_mesh, {'lm_head': ColwiseParallel()})")
     if head.tied:
         raise ValueError(
             f"{head.what}'s lm-head is tied to the input embedding: a tensor-parallel plan cannot shard it over the "
-            "vocabulary (ColwiseParallel replaces lm_head.weight, untying it). Use an untied head, or no tensor-parallel "
-            "plan on the head")
+            "vocabulary (ColwiseParallel replaces lm_head.weight, untying it). Use an untied head, or no "
+            "tensor-parallel plan on the head")
     try:
         _dtensor_shard(weight)
     except ValueError as e:
