@@ -24,6 +24,11 @@ sum divided by it, so summing the micro-batch gradients gives the step's token m
 engine averages gradients over the R data-parallel processes, hence the factor R above; the
 update is then exactly one step on the concatenated batch, whatever each process's token count.
 The ``loss`` a process sees is its own share of the global token mean (times R once scaled).
+
+A head sharded over the vocabulary by torch's ``ColwiseParallel`` (``parallelize_module``), alone
+or with FSDP2 on the other dimension of a 2-D mesh, is supported: the ranks of a tensor-parallel
+group hold the same batches, so R is the data-parallel size and :func:`count_targets` takes the
+data-parallel group (docs/distributed.md, "A tensor-parallel lm-head").
 """
 
 from __future__ import annotations
