@@ -4,23 +4,31 @@ Supported (docs/distributed.md): one process, DDP, FSDP1, FSDP2 and DeepSpeed Ze
 fused loss runs inside the lm-head's module call (``_fused.py``), where each of them has the
 weight whole, and leaves the gradient reduction to the engine. Refused, each with what to do
 instead: ``torch.nn.DataParallel`` (one process, several devices: its replicas would each hold
-the head), a tensor-parallel plan (the head's weight is split over the vocabulary inside its own
-call), context / sequence parallelism (a row's tokens are split over processes), parameter
-offload that has not been tested, and an engine this module does not know.
+the head), transformers' ``tp_plan`` (its own tensor-parallel layers, untested), a head already
+sharded (a DTensor) when handed to PSFTTrainer, context / sequence parallelism (a row's tokens are
+split over processes), parameter offload that has not been tested, and an engine this module does
+not know. The plain-loop API accepts a head sharded over the vocabulary by torch's
+``ColwiseParallel`` (``_fused.py`` computes its loss with ``psft_kernels.vocab_parallel``).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from ..vocab_parallel import _is_dtensor
 from ._lm_head import base_model
 
 _DDP_TYPES = {"MULTI_CPU", "MULTI_GPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA", "MULTI_XPU",
               "MULTI_HPU", "MULTI_NEURON"}
 
 
-def check_model(model: nn.Module, what: str = "model") -> None:
-    """Refusals that the model alone decides (a wrapper we cannot see into, a tensor-parallel plan)."""
+def check_model(model: nn.Module, what: str = "model", tensor_parallel_head: bool = False) -> None:
+    """Refusals that the model alone decides (a wrapper we cannot see into, a tensor-parallel plan).
+
+    ``tensor_parallel_head``: whether the caller drives a head sharded over the vocabulary by torch's
+    ``ColwiseParallel`` (the plain-loop API does; PSFTTrainer does not). Which plans work on the head
+    is decided inside its call (``_fused._check_tensor_parallel``), where its placements are known.
+    """
     if isinstance(model, nn.DataParallel):
         raise TypeError(
             f"{what} is wrapped in torch.nn.DataParallel, which the fused loss does not support: launch one process "
@@ -29,9 +37,18 @@ def check_model(model: nn.Module, what: str = "model") -> None:
     tp = getattr(base, "_tp_size", None)
     if (tp is not None and tp > 1) or getattr(base, "_device_mesh", None) is not None:
         raise ValueError(
-            f"{what} was loaded with a tensor-parallel plan (tp_size={tp}): its lm-head weight is split over the "
-            "vocabulary, which the fused loss does not support yet. Load it without tp_plan and shard it with "
-            "FSDP or DeepSpeed ZeRO-3 instead")
+            f"{what} was loaded with transformers' tensor-parallel plan (tp_plan, tp_size={tp}), which the fused loss "
+            "does not support (untested: its own layer classes). Load it without tp_plan and shard it with FSDP or "
+            "DeepSpeed ZeRO-3, or, in a loop of your own (psft_kernels.integrations.plain), shard the lm-head over the "
+            "vocabulary with parallelize_module(model, tp_mesh, {'lm_head': ColwiseParallel()})")
+    head = base.get_output_embeddings() if callable(getattr(base, "get_output_embeddings", None)) else None
+    if not tensor_parallel_head and _is_dtensor(getattr(head, "weight", None)):
+        raise ValueError(
+            f"{what}'s lm-head weight is already a DTensor (a tensor-parallel plan such as ColwiseParallel, or "
+            "fully_shard applied before PSFTTrainer): PSFTTrainer does not drive a tensor-parallel head (accelerate's "
+            "tensor parallelism takes only models loaded with transformers' tp_plan) and applies FSDP itself. Pass the "
+            "model unsharded, or train a ColwiseParallel head with the plain-loop API "
+            "(psft_kernels.integrations.plain)")
 
 
 def check_trainer(trainer) -> str:

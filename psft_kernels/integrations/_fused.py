@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from ..api import linear_asft_loss, linear_dft_loss, linear_logprobs, linear_psft_loss, linear_sft_loss
+from ..vocab_parallel import _dtensor_shard, _is_dtensor
 from ._lm_head import LMHead, base_model, forward_inputs
 
 REQUEST_KWARG = "psft_request"
@@ -63,6 +64,76 @@ def head_inputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], *per_tok
 
 
 # ----------------------------------------------------------------------------------------------
+# A vocabulary-parallel lm-head: torch's ColwiseParallel plan (docs/distributed.md). Its input hook
+# hands the head call a Replicate DTensor of the hidden states and its weight (and bias) are Shard(0)
+# DTensors: the loss functions take them as they are (psft_kernels.vocab_parallel), and the single
+# all-reduce of grad_hidden there is the only one: the gradient reaches the Replicate input as a
+# Replicate gradient, which the hook's backward passes on without another sum.
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_tensor_parallel(head: LMHead, module: nn.Module, weight, hidden) -> None:
+    if not _is_dtensor(hidden):
+        raise RuntimeError(
+            f"{head.what}'s lm-head weight is a sharded DTensor inside the lm-head's own call, but its input is a "
+            "plain tensor: a fully_shard unit that does not contain the lm-head module, or a tensor-parallel plan "
+            "other than ColwiseParallel. Put the lm-head in a fully_shard unit (the root is fine); to shard it over "
+            "the vocabulary use parallelize_module(model, tp_mesh, {'lm_head': ColwiseParallel()})")
+    if head.tied:
+        raise ValueError(
+            f"{head.what}'s lm-head is tied to the input embedding: a tensor-parallel plan cannot shard it over the "
+            "vocabulary (ColwiseParallel replaces lm_head.weight, untying it). Use an untied head, or no "
+            "tensor-parallel plan on the head")
+    try:
+        _dtensor_shard(weight)
+    except ValueError as e:
+        raise ValueError(f"{head.what}'s lm-head has a tensor-parallel plan the fused loss does not support (only "
+                         f"ColwiseParallel, the head sharded over the vocabulary, is): {e}") from None
+    if hidden.device_mesh.ndim != 1:
+        raise ValueError(f"{head.what}'s lm-head: ColwiseParallel on a {hidden.device_mesh.ndim}-D mesh is not "
+                         "supported; parallelize the head on the tensor-parallel sub-mesh (mesh['tp'])")
+
+
+def _vocab_placements(weight, ndim: int):
+    """A tensor's placements when its last dim is split like the head's rows (Shard(0))."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    return [Shard(ndim - 1) if isinstance(p, Shard) and p.dim == 0 else Replicate() for p in weight.placements]
+
+
+def _tp_carrier(carrier: Tensor, hidden, weight):
+    """The carrier as the ColwiseParallel output hook expects the logits: a DTensor split over the last dim."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(carrier, hidden.device_mesh, _vocab_placements(weight, carrier.dim()), run_check=False)
+
+
+def _gather_vocab(local: Tensor, weight) -> Tensor:
+    """Every rank's columns of ``local`` (its shard of the vocabulary), whole (no gradient: the probe)."""
+    from torch.distributed.tensor import DTensor
+
+    shape = (*local.shape[:-1], weight.shape[0])
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local.contiguous(), weight.device_mesh, _vocab_placements(weight, local.dim()),
+                              run_check=False, shape=shape, stride=stride).full_tensor()
+
+
+def _ref_shard(weight, ref_hidden, ref_weight, ref_bias):
+    """ASFT's reference head cut like the policy's: a whole (unsharded) reference head keeps this rank's rows."""
+    if _is_dtensor(ref_weight):
+        if ref_weight.placements != weight.placements or ref_weight.shape != weight.shape:
+            raise ValueError(f"the reference lm-head is sharded {ref_weight.placements} {tuple(ref_weight.shape)}, the "
+                             f"model's {weight.placements} {tuple(weight.shape)}: ASFT needs them sharded alike")
+        return ref_hidden, ref_weight, ref_bias
+    if ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"the reference lm-head has {ref_weight.shape[0]} rows, the model's {weight.shape[0]}: ASFT "
+                         "needs the same vocabulary")
+    start = _dtensor_shard(weight).start
+    rows = slice(start, start + weight.to_local().shape[0])
+    return ref_hidden, ref_weight[rows], None if ref_bias is None else ref_bias[rows]
+
+
+# ----------------------------------------------------------------------------------------------
 # Requests: what the head call computes. Plain classes on purpose (not dataclasses, not tensor
 # containers): engines that walk a forward's arguments to cast or move tensors (FSDP's mixed
 # precision, DeepSpeed's fp16 input cast) must leave the pi_old log-probs and targets alone.
@@ -83,9 +154,12 @@ class Request:
             raise RuntimeError(
                 f"{self.head.what}'s lm-head was called twice in one forward; the fused loss needs one call")
         self.result = self.compute(module, hidden)
-        anchor = next((t for t in self.result.values() if t.requires_grad), None)
-        carrier = hidden.new_zeros(*hidden.shape[:-1], 1)
-        return carrier if anchor is None else carrier + 0 * anchor.reshape(-1)[:1].to(carrier.dtype)
+        anchor = next((t for t in self.result.values() if t.requires_grad and not _is_dtensor(t)), None)
+        local = hidden.to_local() if _is_dtensor(hidden) else hidden
+        carrier = local.new_zeros(*local.shape[:-1], 1)
+        if anchor is not None:
+            carrier = carrier + 0 * anchor.reshape(-1)[:1].to(carrier.dtype)
+        return _tp_carrier(carrier, hidden, module.weight) if _is_dtensor(hidden) else carrier
 
     def finish(self, output, aux) -> Dict[str, Tensor]:
         """The model forward's return value, from the served result, the model's own output and its
@@ -98,18 +172,19 @@ class Request:
         logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
         if logits is None:
             logits = output[0]
+        if _is_dtensor(logits):  # a tensor-parallel head's carrier, left a DTensor (use_local_output=False)
+            logits = logits.to_local()
         if not logits.requires_grad:
             return loss
         return loss + 0 * logits.reshape(-1)[:1].sum().to(loss.dtype)
 
-    def head_weights(self, module: nn.Module):
-        """``(weight, bias)`` of the head module as it is inside its own call: whole, or an error."""
+    def head_weights(self, module: nn.Module, hidden: Tensor):
+        """``(weight, bias)`` of the head module as it is inside its own call: whole, the DTensor
+        shards of a vocabulary-parallel (``ColwiseParallel``) head, or an error."""
         weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-        if type(weight).__name__ == "DTensor" or (isinstance(weight, Tensor) and hasattr(weight, "_local_tensor")):
-            raise RuntimeError(
-                f"{self.head.what}'s lm-head weight is still a sharded DTensor inside the lm-head's own call: a "
-                "tensor-parallel plan (or a fully_shard unit that does not contain the lm-head module) shards it. "
-                "Put the lm-head in a fully_shard unit (the root is fine) and do not tensor-parallelize it")
+        if _is_dtensor(weight):
+            _check_tensor_parallel(self.head, module, weight, hidden)
+            return weight, bias if isinstance(bias, Tensor) else None
         if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.numel() == 0:
             shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
             raise RuntimeError(
@@ -128,14 +203,17 @@ class LossRequest(Request):
         self.old_logprobs, self.reference = old_logprobs, reference
 
     def compute(self, module, hidden):
-        weight, bias = self.head_weights(module)
+        weight, bias = self.head_weights(module, hidden)
         hidden, weight, bias, targets, old = head_inputs(hidden, weight, bias, self.targets, self.old_logprobs)
         opts = dict(self.options, bias=bias, softcap=self.head.softcap, temperature=self.head.temperature,
                     return_stats=True)
         if self.kind == "psft":
             opts["old_logprobs"] = old
         if self.kind == "asft":
-            opts.update(zip(("ref_hidden", "ref_weight", "ref_bias"), self.reference.tensors(module, weight)))
+            ref = self.reference.tensors(module, weight)
+            if _is_dtensor(weight):
+                ref = _ref_shard(weight, *ref)
+            opts.update(zip(("ref_hidden", "ref_weight", "ref_bias"), ref))
         loss, stats = LOSSES[self.kind](hidden, weight, targets, **opts)
         return {"loss": loss, **{k: v for k, v in stats.items() if isinstance(v, Tensor)}}
 
@@ -160,7 +238,7 @@ class LogprobsRequest(Request):
         self.targets, self.backend = targets, backend
 
     def compute(self, module, hidden):
-        hidden, weight, bias, targets = head_inputs(hidden, *self.head_weights(module), self.targets)
+        hidden, weight, bias, targets = head_inputs(hidden, *self.head_weights(module, hidden), self.targets)
         logp, entropy = linear_logprobs(hidden, weight, targets, bias=bias, softcap=self.head.softcap,
                                         temperature=self.head.temperature, backend=self.backend)
         return {"logprobs": logp, "entropy": entropy}
@@ -179,7 +257,7 @@ class HeadInputsRequest(Request):
         self.clone_weight = clone_weight
 
     def compute(self, module, hidden):
-        weight, bias = self.head_weights(module)
+        weight, bias = self.head_weights(module, hidden)
         if self.clone_weight:
             weight, bias = weight.detach().clone(), None if bias is None else bias.detach().clone()
         return {"hidden": hidden.detach(), "weight": weight.detach(),
@@ -191,13 +269,25 @@ class ProbeRequest(Request):
     the head call computes both, and returns the real logits for the model to finish."""
 
     def serve(self, module, hidden):
-        weight, bias = self.head_weights(module)
-        self.result = {"hidden": hidden, "reconstructed": self.head.logits_from(hidden.to(weight.device), weight, bias)}
+        weight, bias = self.head_weights(module, hidden)
+        if _is_dtensor(weight):  # a vocabulary-parallel head: compare the whole logits (a few tokens)
+            self.tp_head = weight
+            local = [None if t is None else t.to_local() for t in (hidden, weight, bias)]
+            self.result = {"hidden": local[0], "reconstructed": _gather_vocab(self.head.logits_from(*local), weight)}
+        else:
+            self.result = {"hidden": hidden,
+                           "reconstructed": self.head.logits_from(hidden.to(weight.device), weight, bias)}
         return _inner_forward(module)(hidden)
 
     def finish(self, output, aux):
         logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
-        self.result["logits"] = output[0] if logits is None else logits
+        logits = output[0] if logits is None else logits
+        head = getattr(self, "tp_head", None)
+        if _is_dtensor(logits):
+            logits = logits.full_tensor()
+        elif head is not None and logits.shape[-1] != head.shape[0]:  # use_local_output: this rank's columns
+            logits = _gather_vocab(logits, head)
+        self.result["logits"] = logits
         return self.result
 
 

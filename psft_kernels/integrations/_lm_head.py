@@ -106,7 +106,11 @@ class LMHead:
                     f"{what} uses a prompt-learning peft adapter ({type(peft_config).__name__}): it adds virtual "
                     "tokens the labels do not cover; use an adapter that changes weights (LoRA and the like)"
                 )
-        self.weights(model)  # fail now, not at the first step, on a head we cannot use
+        weight, _ = self.weights(model)  # fail now, not at the first step, on a head we cannot use
+        embedding = base.get_input_embeddings() if callable(getattr(base, "get_input_embeddings", None)) else None
+        # Tied to the input embedding (a tensor-parallel plan cannot shard such a head: _fused.py refuses it).
+        self.tied = bool(getattr(_text_config(config), "tie_word_embeddings", False)) or (
+            getattr(embedding, "weight", None) is weight)
         self.softcap = _softcap(config)
         self.temperature = 1.0  # becomes 1/c when verify() finds the model multiplying its logits by c
         self.verified = False

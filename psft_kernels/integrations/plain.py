@@ -24,6 +24,11 @@ sum divided by it, so summing the micro-batch gradients gives the step's token m
 engine averages gradients over the R data-parallel processes, hence the factor R above; the
 update is then exactly one step on the concatenated batch, whatever each process's token count.
 The ``loss`` a process sees is its own share of the global token mean (times R once scaled).
+
+A head sharded over the vocabulary by torch's ``ColwiseParallel`` (``parallelize_module``), alone
+or with FSDP2 on the other dimension of a 2-D mesh, is supported: the ranks of a tensor-parallel
+group hold the same batches, so R is the data-parallel size and :func:`count_targets` takes the
+data-parallel group (docs/distributed.md, "A tensor-parallel lm-head").
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._core import OLD_LOGPROBS_KEY, FusedLossCore, _unwrapped
+from ._engines import check_model
 from ._fused import prepare_model as _prepare
 from ._fused import prepared_head
 from ._lm_head import IGNORE_INDEX, shifted_targets
@@ -59,6 +65,7 @@ def _core(model: nn.Module, ref_model: Optional[nn.Module], **options) -> FusedL
                 f"{type(model).__name__} wraps a model that was not prepared: call "
                 "psft_kernels.integrations.plain.prepare_model(model) before wrapping it") from None
         inner = prepare_model(model)
+    check_model(inner, tensor_parallel_head=True)
     if ref_model is not None and prepared_head(ref_model) is None:
         _prepare(ref_model, "ref_model")
     defaults = dict(loss_type="sft", eps_low=0.2, eps_high=0.28, entropy_coef=0.0, kl_coef=0.05,

@@ -121,7 +121,7 @@ class _LossAndTop1Request(LossRequest):
 
     def compute(self, module, hidden):
         out = super().compute(module, hidden)
-        weight, bias = self.head_weights(module)
+        weight, bias = self.head_weights(module, hidden)
         h, w, b, targets = head_inputs(hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
                                        self.targets)
         out["is_top1"] = target_is_top1(h, w, b, targets, self.head.softcap)
