@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -28,7 +27,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from test_hf import ROOT, SUBPROCESS_ENV, collate, examples, llama, step_logs  # noqa: E402
+from test_hf import ROOT, collate, examples, llama, step_logs, torchrun  # noqa: E402
 
 from psft_kernels.integrations import _engines  # noqa: E402
 from psft_kernels.integrations.hf import PSFTConfig, PSFTTrainer  # noqa: E402
@@ -41,11 +40,7 @@ VOCAB = 101
 
 def launch(mode: str, tmp_path_factory):
     out = tmp_path_factory.mktemp(mode)
-    env = {**SUBPROCESS_ENV, "DS_ACCELERATOR": "cpu"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", WORKER, mode,
-           str(out)]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    torchrun(2, WORKER, mode, out, env={"DS_ACCELERATOR": "cpu"})
     ranks = [json.loads((out / f"{mode}{r}.json").read_text()) for r in (0, 1)]
     for cases in ranks:
         errors = [c for c in cases if "error" in c]
@@ -268,10 +263,7 @@ def test_refused_setups_name_the_engine_and_what_to_do(tmp_path):
 @pytest.mark.slow
 def test_fsdp_plain_example_matches_one_process():
     """The README's command: examples/fsdp_plain.py under torchrun checks itself against one process."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "examples", "fsdp_plain.py"), "--loss", "psft", "--check"]
-    done = subprocess.run(cmd, cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    done = torchrun(2, os.path.join(ROOT, "examples", "fsdp_plain.py"), "--loss", "psft", "--check", timeout=300)
     lines = [line for line in done.stdout.splitlines() if "max |sharded - one process|" in line]
     assert len(lines) == 2, done.stdout  # both ranks compared
     assert any("clip_fraction 0.000" not in line for line in done.stdout.splitlines() if "clip_fraction" in line)

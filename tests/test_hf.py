@@ -51,6 +51,17 @@ SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1",
                   "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
 
 
+def torchrun(nproc: int, script: str, *args, env=None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``script args`` in ``nproc`` processes under torchrun, from the repository root (gloo on CPUs);
+    fails the test with the end of the output if any process fails."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), script,
+           *map(str, args)]
+    done = subprocess.run(cmd, cwd=ROOT, env={**SUBPROCESS_ENV, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    return done
+
+
 def llama(seed=0, **overrides):
     torch.manual_seed(seed)
     cfg = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -508,12 +519,9 @@ def test_ddp_two_processes_take_the_steps_of_one_with_the_same_global_batch(tmp_
     (each process gets every other micro-batch of the same sampler). Checks DDP's gradient sync
     through the hooked forward, num_items_in_batch counted over both processes, pi_old per process."""
     worker = os.path.join(ROOT, "tests", "hf_ddp_worker.py")
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     runs = {"ddp": tmp_path / "ddp", "single": tmp_path / "single"}
     runs["ddp"].mkdir()
-    done = subprocess.run(launcher + [worker, "psft", str(runs["ddp"]), "2"], cwd=ROOT, env=SUBPROCESS_ENV,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun(2, worker, "psft", runs["ddp"], 2, timeout=300)
     runs["single"].mkdir()
     runpy.run_path(worker, run_name="worker")["main"]("psft", str(runs["single"]), 4)
     params = {f"{name}{r}": torch.load(runs[name] / f"params{r}.pt")

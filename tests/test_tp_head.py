@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 pytest.importorskip("transformers")
 
-from test_hf import ROOT, SUBPROCESS_ENV  # noqa: E402
+from test_hf import ROOT, torchrun  # noqa: E402
 
 WORKER = os.path.join(ROOT, "tests", "tp_head_worker.py")
 TOL64 = 1e-10
@@ -36,9 +34,7 @@ MIN_MOVED = 5e-5
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("tp_head")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", WORKER, str(out)]
-    done = subprocess.run(cmd, cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    torchrun(2, WORKER, out)
     ranks = [json.loads((out / f"tp{r}.json").read_text()) for r in (0, 1)]
     for cases in ranks:
         errors = [c for c in cases if "error" in c]
@@ -74,10 +70,7 @@ def test_unsupported_tensor_parallel_heads_are_refused(runs):
 @pytest.fixture(scope="module")
 def runs_2d(tmp_path_factory):
     out = tmp_path_factory.mktemp("tp_head_2d")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", WORKER, str(out),
-           "2d"]
-    done = subprocess.run(cmd, cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    torchrun(4, WORKER, out, "2d")
     return [json.loads((out / f"tp2d{r}.json").read_text()) for r in range(4)]
 
 

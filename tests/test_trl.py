@@ -11,7 +11,6 @@ import copy
 import json
 import os
 import runpy
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ datasets = pytest.importorskip("datasets")
 from psft_kernels import chunked  # noqa: E402
 from psft_kernels.integrations.hf import PSFTConfig, PSFTTrainer  # noqa: E402
 from psft_kernels.integrations.trl import FusedSFTConfig, FusedSFTTrainer, target_is_top1  # noqa: E402
-from test_hf import assert_params_close, assert_params_differ  # noqa: E402
+from test_hf import assert_params_close, assert_params_differ, torchrun  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = runpy.run_path(os.path.join(ROOT, "examples", "train_trl.py"))
@@ -379,14 +378,9 @@ def ddp_worker(out_dir: str, grad_accum: int) -> None:
 @pytest.mark.slow
 def test_ddp_two_processes_take_the_steps_of_one(tmp_path):
     """2 processes x (batch 2, GA 2) vs 1 process x (batch 2, GA 4): the same 8 conversations per step."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     ddp.mkdir(), single.mkdir()
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           os.path.abspath(__file__), str(ddp), "2"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun(2, os.path.abspath(__file__), ddp, 2, timeout=300)
     ddp_worker(str(single), 4)
     p0, p1, p = (torch.load(d / f"params{r}.pt") for d, r in ((ddp, 0), (ddp, 1), (single, 0)))
     for key in p:
